@@ -1,0 +1,127 @@
+"""Harmon's diffusion head: a small MLP with adaLN conditioning that denoises one latent token at a time.
+
+Module names follow the upstream checkpoint (`mar.diffloss.net.*`) so the converter only strips a prefix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .configuration_harmon import HarmonDiffusionHeadConfig
+
+
+def timestep_sinusoids(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal timestep features, cosine half first.
+
+    Args:
+        timesteps: `(N,)` original (0..999) timesteps, any numeric dtype.
+        dim: number of features (even).
+    Returns:
+        `(N, dim)` float32 features `[cos(t * f_k), sin(t * f_k)]` with `f_k = exp(-ln(max_period) * k / (dim/2))`.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class HarmonTimestepEmbedder(nn.Module):
+    """Sinusoids -> Linear -> SiLU -> Linear. `mlp.0` / `mlp.2` as in the checkpoint."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """`(N,)` -> `(N, hidden_size)`."""
+        features = timestep_sinusoids(timesteps, self.frequency_embedding_size).to(self.mlp[0].weight.dtype)
+        return self.mlp(features)
+
+
+class HarmonResBlock(nn.Module):
+    """x + gate * MLP(LN(x) * (1 + scale) + shift), with (shift, scale, gate) = adaLN(SiLU(y))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(channels, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, channels))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        h = self.in_ln(x) * (1 + scale) + shift
+        return x + gate * self.mlp(h)
+
+
+class HarmonFinalLayer(nn.Module):
+    """LayerNorm (no affine) modulated by (shift, scale) = adaLN(SiLU(y)), then Linear to the output channels."""
+
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(channels, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 2 * channels))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
+class HarmonDiffusionHead(nn.Module):
+    """The denoising network of one token: `(x_t, t, condition) -> (eps, variance value)`.
+
+    Shapes: `x` `(N, in_channels)`, `timesteps` `(N,)` original timesteps (0..999), `cond` `(N, cond_channels)`;
+    output `(N, 2 * in_channels)` (eps first, then the learned-range variance value in [-1, 1]).
+    """
+
+    def __init__(self, config: HarmonDiffusionHeadConfig):
+        super().__init__()
+        self.config = config
+        width = config.model_channels
+        self.time_embed = HarmonTimestepEmbedder(width, config.frequency_embedding_size)
+        self.cond_embed = nn.Linear(config.cond_channels, width)
+        self.input_proj = nn.Linear(config.in_channels, width)
+        self.res_blocks = nn.ModuleList([HarmonResBlock(width) for _ in range(config.num_res_blocks)])
+        self.final_layer = HarmonFinalLayer(width, config.out_channels)
+
+    def embed_condition(self, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """y = t_emb + cond_embed(c): `(N,)`, `(N, cond_channels)` -> `(N, model_channels)`."""
+        return self.time_embed(timesteps) + self.cond_embed(cond)
+
+    def forward_embedded(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The network body given the already embedded condition `y` `(N, model_channels)`."""
+        h = self.input_proj(x)
+        for block in self.res_blocks:
+            h = block(h, y)
+        return self.final_layer(h, y)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        return self.forward_embedded(x, self.embed_condition(timesteps, cond))
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, guidance_scale: float | torch.Tensor
+    ) -> torch.Tensor:
+        """Classifier-free guidance on eps only.
+
+        `x`, `cond` hold `[conditional rows; unconditional rows]` (N even). The network sees the FIRST half of `x`
+        for both halves; eps = uncond + scale * (cond - uncond) is written to both halves while each half keeps its
+        own variance values. Output `(N, out_channels)`.
+        """
+        half = x[: x.shape[0] // 2]
+        out = self.forward(torch.cat([half, half], dim=0), timesteps, cond)
+        c = self.config.in_channels
+        eps, rest = out[:, :c], out[:, c:]
+        cond_eps, uncond_eps = eps.chunk(2, dim=0)
+        guided = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+
+
+__all__ = ["HarmonDiffusionHead", "timestep_sinusoids"]
