@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 FIXTURE_DIR = Path(
-    os.environ.get("HARMON_FIXTURE_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "upstream-tiny")
+    os.environ.get(
+        "HARMON_FIXTURE_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "upstream-tiny"
+    )
 )
 
 requires_fixture = pytest.mark.skipif(not FIXTURE_DIR.is_dir(), reason=f"upstream fixture not found at {FIXTURE_DIR}")
@@ -45,7 +47,9 @@ def assert_fixture_close(actual: torch.Tensor, filename: str, key: str) -> None:
     entry = manifest()["tensor_files"][filename]["tensors"][key]
     exp = load_tensors(filename)[key]
     actual = actual.detach().cpu()
-    assert tuple(actual.shape) == tuple(exp.shape), f"{filename}:{key} shape {tuple(actual.shape)} != {tuple(exp.shape)}"
+    assert tuple(actual.shape) == tuple(exp.shape), (
+        f"{filename}:{key} shape {tuple(actual.shape)} != {tuple(exp.shape)}"
+    )
     if entry["role"] == "integer":
         torch.testing.assert_close(actual.to(exp.dtype), exp, atol=0, rtol=0, msg=lambda m: f"{filename}:{key}: {m}")
         return

@@ -154,13 +154,27 @@ class HarmonVAEConfig(PreTrainedConfig):
         self.block_out_channels = list(self.block_out_channels)
         for c in self.block_out_channels:
             if c % self.norm_num_groups != 0:
-                raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of norm_num_groups "
-                                 f"({self.norm_num_groups}).")
+                raise ValueError(
+                    f"block_out_channels {self.block_out_channels} must be multiples of norm_num_groups "
+                    f"({self.norm_num_groups})."
+                )
 
     _AUTOENCODER_KEYS = (
-        "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-        "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor",
-        "force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention",
+        "in_channels",
+        "out_channels",
+        "down_block_types",
+        "up_block_types",
+        "block_out_channels",
+        "layers_per_block",
+        "act_fn",
+        "latent_channels",
+        "norm_num_groups",
+        "sample_size",
+        "scaling_factor",
+        "force_upcast",
+        "use_quant_conv",
+        "use_post_quant_conv",
+        "mid_block_add_attention",
     )
 
     def to_autoencoder_kwargs(self) -> dict[str, Any]:
@@ -268,24 +282,50 @@ class HarmonConfig(PreTrainedConfig):
     def _preset(cls, text: dict, mar: tuple[int, int, int], head: tuple[int, int], **kwargs) -> HarmonConfig:
         width, depth, heads = mar
         mar_config = dict(
-            encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads,
-            decoder_embed_dim=width, decoder_depth=depth, decoder_num_heads=heads,
+            encoder_embed_dim=width,
+            encoder_depth=depth,
+            encoder_num_heads=heads,
+            decoder_embed_dim=width,
+            decoder_depth=depth,
+            decoder_num_heads=heads,
         )
         head_config = dict(num_res_blocks=head[0], model_channels=head[1], cond_channels=width)
-        return cls(text_config=dict(text), mar_config=mar_config, diffusion_head_config=head_config,
-                   vae_config={}, **kwargs)
+        return cls(
+            text_config=dict(text), mar_config=mar_config, diffusion_head_config=head_config, vae_config={}, **kwargs
+        )
 
 
 # Qwen2.5-Instruct text configs (from the public config.json files of the Qwen2.5 releases).
 _QWEN25_COMMON = dict(
-    model_type="qwen2", hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
-    rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}, tie_word_embeddings=True,
-    vocab_size=151936, bos_token_id=151643, eos_token_id=151645, attention_dropout=0.0, use_sliding_window=False,
-    sliding_window=None, max_window_layers=21,
+    model_type="qwen2",
+    hidden_act="silu",
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
+    tie_word_embeddings=True,
+    vocab_size=151936,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    attention_dropout=0.0,
+    use_sliding_window=False,
+    sliding_window=None,
+    max_window_layers=21,
 )
-_QWEN25_0_5B = dict(_QWEN25_COMMON, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                    num_attention_heads=14, num_key_value_heads=2)
-_QWEN25_1_5B = dict(_QWEN25_COMMON, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                    num_attention_heads=12, num_key_value_heads=2)
+_QWEN25_0_5B = dict(
+    _QWEN25_COMMON,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+)
+_QWEN25_1_5B = dict(
+    _QWEN25_COMMON,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+)
 
 __all__ = ["HarmonConfig", "HarmonMARConfig", "HarmonDiffusionHeadConfig", "HarmonVAEConfig"]
