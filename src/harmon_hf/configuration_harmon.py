@@ -279,6 +279,40 @@ class HarmonConfig(PreTrainedConfig):
         return cls._preset(_QWEN25_1_5B, mar=(1280, 20, 16), head=(12, 1536), **kwargs)
 
     @classmethod
+    def tiny(cls, **kwargs) -> HarmonConfig:
+        """A tiny random-weight layout for tests (the shapes of the upstream-tiny fixture): 64 px images (4x4 tokens),
+        LLM 64 wide x 2 layers with a 512-entry vocabulary, MAR 32 wide 2+2 blocks, 8 buffer slots, head 2 x 64."""
+        text = dict(
+            model_type="qwen2",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
+            tie_word_embeddings=True,
+        )
+        mar = dict(
+            token_dim=16,
+            grid_size=4,
+            buffer_size=8,
+            encoder_embed_dim=32,
+            encoder_depth=2,
+            encoder_num_heads=2,
+            decoder_embed_dim=32,
+            decoder_depth=2,
+            decoder_num_heads=2,
+        )
+        head = dict(model_channels=64, num_res_blocks=2, cond_channels=32)
+        vae = dict(block_out_channels=[32, 32, 64, 64, 128], sample_size=64)
+        defaults = dict(image_token_id=500, image_size=64)
+        defaults.update(kwargs)
+        return cls(text_config=text, mar_config=mar, diffusion_head_config=head, vae_config=vae, **defaults)
+
+    @classmethod
     def _preset(cls, text: dict, mar: tuple[int, int, int], head: tuple[int, int], **kwargs) -> HarmonConfig:
         width, depth, heads = mar
         mar_config = dict(

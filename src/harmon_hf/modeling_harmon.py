@@ -72,6 +72,8 @@ class HarmonPreTrainedModel(PreTrainedModel):
     # The per-batch mean losses must be divided by gradient-accumulation steps as usual: don't let Trainer
     # pass `num_items_in_batch`.
     accepts_loss_kwargs = False
+    # The VAE stays float32 under any dtype (it is small and its decoder is sensitive to rounding).
+    _keep_in_fp32_modules_strict = ["vae"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
