@@ -1,0 +1,260 @@
+"""Harmon-Shapes: generator determinism and hold-out, caption/QA consistency, ShapesEval, tokenizer, tiny VAE."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harmon_hf.shapes.data import (
+    KINDS,
+    ObjectSpec,
+    PromptSpec,
+    ShapesWorld,
+    make_scene,
+    parse_prompt,
+    write_dataset,
+)
+from harmon_hf.shapes.eval import (
+    DetectionAnswerer,
+    ShapeDetector,
+    evaluate,
+    ground_truth_generate_fn,
+    match_spec,
+    normalize_answer,
+    perturb_spec,
+    score_image,
+)
+
+WORLD = ShapesWorld()
+
+
+def _png_bytes(scene) -> bytes:
+    buffer = io.BytesIO()
+    scene.render(WORLD).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _folder_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# generator
+# ------------------------------------------------------------------------------------------------------------------
+def test_same_seed_same_bytes_and_other_seed_differs():
+    for split in ("train", "test"):
+        for i in range(6):
+            a, b = make_scene(i, split, seed=3), make_scene(i, split, seed=3)
+            assert _png_bytes(a) == _png_bytes(b)
+            assert a.caption == b.caption and a.qa == b.qa
+    first = [make_scene(i, "train", seed=0).caption for i in range(20)]
+    other = [make_scene(i, "train", seed=1).caption for i in range(20)]
+    assert first != other
+
+
+def test_write_dataset_is_deterministic_and_complete(tmp_path):
+    summaries = [write_dataset(tmp_path / name, 9, "train", seed=5) for name in ("a", "b")]
+    assert _folder_digest(tmp_path / "a") == _folder_digest(tmp_path / "b")
+    assert summaries[0]["num_images"] == 9
+    out = tmp_path / "a"
+    records = json.loads((out / "captions.json").read_text())
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    info = json.loads((out / "data_info.json").read_text())
+    assert info["datasets"][0]["annotations"] == "captions.json"
+    assert len(records) == len(rows) == 9
+    for record, row in zip(records, rows):
+        assert (out / record["image"]).is_file() and row["file_name"] == record["image"]
+        assert row["text"] == record["caption"] and record["qa"] and len(record["qa"]) == len(record["qa_types"])
+    conversations = json.loads((out / "conversations.json").read_text())
+    assert len(conversations) == sum(len(r["qa"]) for r in records)
+    assert conversations[0]["conversations"][0]["value"].startswith("<image>\n")
+    multi = json.loads((out / "conversations_multiturn.json").read_text())
+    assert len(multi) == 9 and all(len(m["conversations"]) == 2 * len(r["qa"]) for m, r in zip(multi, records))
+
+
+def test_training_code_reads_the_layouts(tmp_path):
+    training_data = pytest.importorskip("harmon_hf.training.data")
+    write_dataset(tmp_path, 5, "train", seed=0)
+    for spec in (tmp_path, tmp_path / "metadata.jsonl", tmp_path / "conversations.json"):
+        sources = training_data.load_source(spec)
+        assert sum(len(s) for s in sources) >= 5
+    record = training_data.load_source(tmp_path)[0].record(0)
+    assert record.text == json.loads((tmp_path / "captions.json").read_text())[0]["caption"]
+
+
+def test_train_split_holds_nothing_held_out_and_test_pairs_are_unseen():
+    train = [make_scene(i, "train", seed=0) for i in range(400)]
+    assert not any(s.novel for s in train)
+    for scene in train:
+        assert not any((s.colour, s.shape) in WORLD.heldout_combos for s in scene.shapes)
+        assert not WORLD.is_heldout(scene.spec)
+    assert {s.spec.kind for s in train} == set(KINDS)
+    assert any(make_scene(i, "all", seed=0).novel for i in range(100))  # the autoencoder's pictures cover everything
+    train_captions = {s.caption for s in train}
+    pairs = [make_scene(i, "test", seed=0, kind="pair") for i in range(40)]
+    assert all(s.novel for s in pairs)
+    assert not train_captions & {s.caption for s in pairs}
+    # Both phrasings of a layout share its hold-out status.
+    a, b = ObjectSpec("red", "circle"), ObjectSpec("blue", "square")
+    assert WORLD.is_heldout_layout(PromptSpec("pair", (a, b), "left")) == WORLD.is_heldout_layout(
+        PromptSpec("pair", (b, a), "right")
+    )
+
+
+def test_parse_prompt_round_trip():
+    for kind in KINDS:
+        for i in range(15):
+            spec = make_scene(i, "test", seed=2, kind=kind).spec
+            parsed = parse_prompt(spec.caption())
+            if spec.kind == "count" and spec.count == 1:  # "one red circle" reads as a single object
+                assert parsed == PromptSpec("single", spec.objects)
+            else:
+                assert parsed == spec
+    assert parse_prompt("Two Red Circles.") == PromptSpec("count", (ObjectSpec("red", "circle"),), count=2)
+    assert parse_prompt("a pink hexagon") is None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ShapesEval
+# ------------------------------------------------------------------------------------------------------------------
+def test_captions_and_answers_match_the_pictures():
+    detector = ShapeDetector(WORLD)
+    answerer = DetectionAnswerer(detector)
+    for split in ("train", "test"):
+        for kind in KINDS:
+            for i in range(12):
+                scene = make_scene(i, split, seed=1, kind=kind)
+                image = scene.render(WORLD)
+                result = match_spec(scene.spec, detector.detect(image))
+                assert result["correct"], (scene.caption, result)
+                for question, answer, _ in scene.qa:
+                    assert normalize_answer(answerer(image, question)) == answer, (scene.caption, question)
+
+
+def test_scorer_rejects_wrong_prompts():
+    detector = ShapeDetector(WORLD)
+    rng = random.Random(0)
+    for kind in KINDS:
+        for i in range(12):
+            scene = make_scene(i, "test", seed=4, kind=kind)
+            wrong = perturb_spec(scene.spec, rng, WORLD)
+            assert wrong != scene.spec
+            assert not match_spec(wrong, detector.detect(scene.render(WORLD)))["correct"], (scene.caption, wrong)
+    blank = make_scene(0, "test", kind="single").render(WORLD).point(lambda _: 255)
+    assert score_image(blank, "a red circle")["correct"] is False
+
+
+def test_evaluate_with_ground_truth_and_constant_answers(tmp_path):
+    out = tmp_path / "eval.json"
+    results = evaluate(
+        ground_truth_generate_fn(WORLD), lambda image, q: "red", n=8, seed=9, out_json=out, verbose=False
+    )
+    for kind in KINDS:
+        assert results["generation"][kind]["accuracy"] == 1.0
+    assert results["targets"]["generation/single"]["passed"]
+    assert results["understanding"]["overall"]["accuracy"] < 0.5
+    assert not results["targets"]["understanding/shape"]["passed"]
+    saved = json.loads(out.read_text())
+    assert saved["generation"]["pair"]["n"] == 8 and len(saved["items"]["understanding"]) > 0
+
+
+def test_normalize_answer():
+    assert normalize_answer(" Red.") == "red"
+    assert normalize_answer("The circle!") == "circle"
+    assert normalize_answer("2") == "two"
+    assert normalize_answer("left\nbecause ...") == "left"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# tokenizer
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from harmon_hf.shapes.tokenizer import save_tokenizer
+
+    return save_tokenizer(tmp_path_factory.mktemp("shapes_tokenizer"))
+
+
+def test_tokenizer_files_round_trip_and_conventions(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    assert {p.name for p in tokenizer_dir.iterdir()} >= {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    }
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert 300 <= len(tok) <= 600
+    assert tok.convert_ids_to_tokens(list(range(len(tok) - 3, len(tok)))) == [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+    ]
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.bos_token is None
+    assert tok.convert_tokens_to_ids("<image>") in (None, tok.unk_token_id)
+    for text in ("a red circle to the left of a blue square", "What colour are the shapes?", "Zebra & 42 ünïcode"):
+        ids = tok(text)["input_ids"]
+        assert tok.decode(ids) == text
+    assert len(tok("a red circle to the left of a blue square")["input_ids"]) == 10  # one token per word
+    messages = [{"role": "user", "content": "What shape is it?"}, {"role": "assistant", "content": "circle"}]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat shape is it?<|im_end|>\n"
+        "<|im_start|>assistant\ncircle<|im_end|>\n"
+    )
+    prompt = tok.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True)
+    ids = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
+
+
+def test_tokenizer_is_deterministic(tokenizer_dir, tmp_path):
+    from harmon_hf.shapes.tokenizer import save_tokenizer
+
+    again = save_tokenizer(tmp_path / "again")
+    assert (again / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
+
+
+def test_tokenizer_takes_the_image_token(tokenizer_dir):
+    processing = pytest.importorskip("harmon_hf.processing_harmon")
+    tok = processing.prepare_tokenizer(str(tokenizer_dir))
+    assert tok.convert_tokens_to_ids("<image>") == len(tok) - 1 == 500
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# VAE
+# ------------------------------------------------------------------------------------------------------------------
+def test_vae_layout_and_a_few_steps_lower_the_loss():
+    from harmon_hf.shapes.vae import build_vae, harmon_vae_kwargs, to_pixels, to_uint8, vae_loss
+
+    torch.manual_seed(0)
+    vae = build_vae((8, 8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
+    pixels = to_pixels(np.stack([np.asarray(make_scene(i, "train").render(WORLD)) for i in range(4)]))
+    assert vae.encode(pixels).latent_dist.mean.shape == (4, 16, 4, 4)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(12):
+        loss, parts = vae_loss(vae, pixels, generator=generator, foreground_weight=4.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        assert set(parts) == {"l1", "mse", "kl"}
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    assert to_uint8(pixels).dtype == np.uint8
+    kwargs = harmon_vae_kwargs(vae)
+    configuration = pytest.importorskip("harmon_hf.configuration_harmon")
+    config = configuration.HarmonVAEConfig(**kwargs)
+    assert config.to_autoencoder_kwargs() == kwargs
