@@ -1,0 +1,267 @@
+"""`HarmonPipeline`: text-to-image with Harmon as a diffusers pipeline.
+
+Components: `model` (`HarmonForConditionalGeneration`, the VAE inside), `scheduler` (the diffusion head's sampler,
+`HarmonDDPMScheduler` by default) and `processor` (`HarmonProcessor`, which builds the prompts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import replace_example_docstring
+
+from .modeling_harmon import HarmonForConditionalGeneration
+from .processing_harmon import HarmonProcessor
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from harmon_hf import HarmonPipeline
+        >>> pipe = HarmonPipeline.from_pretrained("path/to/harmon-folder")
+        >>> image = pipe("a red cube on a blue table", generator=torch.Generator().manual_seed(0)).images[0]
+        ```
+"""
+
+
+class HarmonPipeline(DiffusionPipeline):
+    r"""Text-to-image generation with Harmon (masked autoregressive rounds + a per-token diffusion head).
+
+    Args:
+        model: `HarmonForConditionalGeneration` (LLM, MAR, diffusion head, VAE).
+        scheduler: the diffusion head's sampler. `HarmonDDPMScheduler` reproduces upstream; a `DDIMScheduler` or
+            `DPMSolverMultistepScheduler` with the same betas samples with fewer steps.
+        processor: `HarmonProcessor`, used to build the chat-template prompts.
+        default_image_size: default height/width in pixels (512 for the released models, as upstream samples).
+    """
+
+    model_cpu_offload_seq = "model"
+    _optional_components: list[str] = []
+    _callback_tensor_inputs = ["tokens", "mask"]
+
+    def __init__(
+        self,
+        model: HarmonForConditionalGeneration,
+        scheduler,
+        processor: HarmonProcessor,
+        default_image_size: int | None = None,
+    ):
+        super().__init__()
+        self.register_modules(model=model, scheduler=scheduler, processor=processor)
+        self.register_to_config(default_image_size=default_image_size)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=16, do_normalize=True)
+
+    @property
+    def vae(self):
+        """The VAE inside the model (read-only; it is saved with the model)."""
+        return self.model.model.vae
+
+    @property
+    def default_sample_size(self) -> int:
+        return self.config.default_image_size or self.model.config.image_size
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        guidance_schedule: str,
+        temperature: float,
+        num_images_per_prompt: int,
+        generator,
+        output_type: str,
+        callback_on_step_end_tensor_inputs,
+    ) -> list[str]:
+        """Validate every argument before heavy work; returns the prompts as a list."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        if len(prompts) == 0:
+            raise ValueError("prompt is an empty list: give at least one prompt")
+        if negative_prompt is not None:
+            negs = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            if len(negs) != len(prompts):
+                raise ValueError(f"got {len(negs)} negative prompts for {len(prompts)} prompts")
+        stride = self.model.config.image_stride
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < stride or value % stride:
+                raise ValueError(f"{name} must be a positive multiple of {stride}, got {value}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps (MAR rounds) must be an integer >= 1, got {num_inference_steps}")
+        if guidance_scale < 1:
+            raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
+        if guidance_schedule not in ("constant", "linear"):
+            raise ValueError(f"guidance_schedule must be 'constant' or 'linear', got {guidance_schedule!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt}")
+        n_images = len(prompts) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != n_images:
+            raise ValueError(
+                f"got a list of {len(generator)} generators for {n_images} images "
+                f"({len(prompts)} prompts x {num_images_per_prompt}); pass one generator or one per image"
+            )
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        for name in callback_on_step_end_tensor_inputs or []:
+            if name not in self._callback_tensor_inputs:
+                raise ValueError(f"callback tensor {name!r} is not one of {self._callback_tensor_inputs}")
+        return list(prompts)
+
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        negative_prompt: str | list[str] | None,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        num_image_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt ids `(R, S)` and mask: conditional rows (each prompt repeated per image), then unconditional rows."""
+        cond = [p for p in prompts for _ in range(num_images_per_prompt)]
+        neg = None
+        if do_classifier_free_guidance and negative_prompt is not None:
+            negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            neg = [n for n in negs for _ in range(num_images_per_prompt)]
+        batch = self.processor.build_t2i_prompts(cond, negative_prompt=neg, cfg=do_classifier_free_guidance)
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        limit = self.model.config.text_config.max_position_embeddings
+        longest = int(attention_mask.sum(1).max())
+        if longest + num_image_tokens > limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens plus {num_image_tokens} image positions exceeds the model's context of "
+                f"{limit} positions; shorten the prompt"
+            )
+        return input_ids, attention_mask
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 64,
+        guidance_scale: float = 3.0,
+        guidance_schedule: str = "constant",
+        temperature: float = 1.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_diffusion_steps: int | None = None,
+        orders: torch.LongTensor | None = None,
+        diffusion_init_noise: Sequence[torch.Tensor] | None = None,
+        diffusion_step_noise: Sequence[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images from text.
+
+        Args:
+            prompt: one prompt or a list.
+            negative_prompt: replaces the unconditional prompt "Generate an image." of guidance (same template).
+            height, width: pixels, multiples of 16 (default `default_image_size`); non-square is fine.
+            num_inference_steps: MAR rounds (64 upstream). At most (height/16)*(width/16); more are clamped.
+            guidance_scale: classifier-free guidance on the head's eps (1 = off).
+            guidance_schedule: "constant" or "linear" (grows from 1 to `guidance_scale` with the drawn fraction).
+            temperature: scales the diffusion head's sampling noise.
+            num_images_per_prompt: images per prompt.
+            generator: a `torch.Generator`, or one per image: image i then takes its generation order and all its
+                noise from `generator[i]`, so a batch reproduces the same prompts run one by one.
+            num_diffusion_steps: diffusion-head steps per round (default: the scheduler's, 100).
+            orders, diffusion_init_noise, diffusion_step_noise: injected randomness (tests, reproductions); see
+                `HarmonForConditionalGeneration.generate_image_tokens`.
+            output_type: "pil", "np" (float in [0, 1], NHWC), "pt" (float in [0, 1], NCHW) or "latent" (the token
+                latents `(N, m, n, C)`).
+            callback_on_step_end: `fn(pipe, round, round, {"tokens": ..., "mask": ...})` called after each round.
+
+        Examples:
+
+        Returns:
+            `ImagePipelineOutput` with `images`, or a tuple `(images,)` if `return_dict=False`.
+        """
+        height = height or self.default_sample_size
+        width = width or self.default_sample_size
+        prompts = self.check_inputs(
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            guidance_schedule,
+            temperature,
+            num_images_per_prompt,
+            generator,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        stride = self.model.config.image_stride
+        size = (height // stride, width // stride)
+        do_cfg = guidance_scale != 1.0
+        n_tokens = size[0] * size[1] + self.model.config.buffer_size
+        input_ids, attention_mask = self.encode_prompt(
+            prompts, negative_prompt, num_images_per_prompt, do_cfg, n_tokens
+        )
+        device = self._execution_device
+        num_iter = min(num_inference_steps, size[0] * size[1])
+        self._num_timesteps = num_iter
+
+        with self.progress_bar(total=num_iter) as progress:
+
+            def on_round(i: int, tensors: dict[str, torch.Tensor]) -> None:
+                if callback_on_step_end is not None:
+                    wanted = {k: tensors[k] for k in callback_on_step_end_tensor_inputs or ["tokens"]}
+                    callback_on_step_end(self, i, i, wanted)
+                progress.update()
+
+            tokens = self.model.generate_image_tokens(
+                input_ids.to(device),
+                attention_mask.to(device),
+                size,
+                num_iter=num_iter,
+                guidance_scale=guidance_scale,
+                guidance_schedule=guidance_schedule,
+                temperature=temperature,
+                scheduler=self.scheduler,
+                num_diffusion_steps=num_diffusion_steps,
+                generator=generator,
+                orders=orders,
+                init_noise=diffusion_init_noise,
+                step_noise=diffusion_step_noise,
+                callback=on_round,
+            )
+
+        if output_type == "latent":
+            images = tokens
+        else:
+            images = self.model.decode_image_tokens(tokens).float()
+            images = self.image_processor.postprocess(images, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+__all__ = ["HarmonPipeline"]
