@@ -60,6 +60,8 @@ def _mlp_projector(in_dim: int, out_dim: int) -> nn.Sequential:
 
 
 class HarmonPreTrainedModel(PreTrainedModel):
+    # Explicit: with `from __future__ import annotations` the `config: HarmonConfig` annotation is a string.
+    config_class = HarmonConfig
     config: HarmonConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
@@ -170,9 +172,13 @@ class HarmonModel(HarmonPreTrainedModel):
         return self.proj_out(h)
 
     def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs,
     ) -> BaseModelOutputWithPooling:
-        """Understanding features of images.
+        """Understanding features of images (`GenerationMixin` calls this once before prefill, with `return_dict`).
 
         Args:
             pixel_values: `(B, 3, H, W)` in [-1, 1] (see `HarmonImageProcessor`), or
@@ -379,7 +385,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values=None, image_tokens=None) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values=None, image_tokens=None, **kwargs) -> BaseModelOutputWithPooling:
         """See `HarmonModel.get_image_features`."""
         return self.model.get_image_features(pixel_values=pixel_values, image_tokens=image_tokens)
 

@@ -135,12 +135,12 @@ class HarmonPipeline(DiffusionPipeline):
         num_image_tokens: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt ids `(R, S)` and mask: conditional rows (each prompt repeated per image), then unconditional rows."""
-        cond = [p for p in prompts for _ in range(num_images_per_prompt)]
-        neg = None
-        if do_classifier_free_guidance and negative_prompt is not None:
-            negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-            neg = [n for n in negs for _ in range(num_images_per_prompt)]
-        batch = self.processor.build_t2i_prompts(cond, negative_prompt=neg, cfg=do_classifier_free_guidance)
+        batch = self.processor.build_t2i_prompts(
+            prompts,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            add_unconditional=do_classifier_free_guidance,
+        )
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         limit = self.model.config.text_config.max_position_embeddings
         longest = int(attention_mask.sum(1).max())
