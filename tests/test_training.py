@@ -18,6 +18,7 @@ from fixture_utils import FIXTURE_DIR, assert_fixture_close, fixture_json, load_
 
 from harmon_hf.configuration_harmon import HarmonConfig
 from harmon_hf.modeling_harmon import HarmonForConditionalGeneration
+from harmon_hf.pipeline_harmon import HarmonPipeline
 from harmon_hf.processing_harmon import HarmonProcessor
 from harmon_hf.training import (
     IMAGE_TO_TEXT,
@@ -152,9 +153,7 @@ def run_trainer(tmp: Path, data: Path, processor, steps: int, **overrides) -> Ha
 
 
 def load_saved(path: Path) -> HarmonForConditionalGeneration:
-    # The config is passed explicitly because `config: HarmonConfig` is a string annotation in modeling_harmon.py
-    # (postponed annotations), which transformers cannot resolve into `config_class`.
-    return HarmonForConditionalGeneration.from_pretrained(path, config=HarmonConfig.from_pretrained(path))
+    return HarmonForConditionalGeneration.from_pretrained(path)
 
 
 def task_losses(history: list[dict], key: str) -> list[tuple[int, float]]:
@@ -608,6 +607,12 @@ def test_train_script_yaml_overrides_and_saved_folder(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[name], param, msg=name)
     processor = train.load_processor(out)
     assert processor.image_size == 64 and processor.buffer_size == 8
+    # the saved folder is also a HarmonPipeline
+    pipe = HarmonPipeline.from_pretrained(out)
+    image = pipe("a red circle", num_inference_steps=2, num_diffusion_steps=5, generator=torch.Generator().manual_seed(0))
+    assert image.images[0].size == (64, 64)
+    for name, param in trainer.model.state_dict().items():
+        torch.testing.assert_close(pipe.model.state_dict()[name], param, msg=name)
     # a second stage starts from the saved folder and resumes from its last checkpoint
     trainer2 = train.main(
         cli(

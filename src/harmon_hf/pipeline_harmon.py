@@ -7,6 +7,7 @@ Components: `model` (`HarmonForConditionalGeneration`, the VAE inside), `schedul
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
@@ -52,6 +53,27 @@ class HarmonPipeline(DiffusionPipeline):
         self.register_modules(model=model, scheduler=scheduler, processor=processor)
         self.register_to_config(default_image_size=default_image_size)
         self.image_processor = VaeImageProcessor(vae_scale_factor=16, do_normalize=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a pipeline folder (`model_index.json` + `model/`, `scheduler/`, `processor/`), as diffusers does.
+
+        A flat transformers folder (a Harmon `config.json` + weights + processor files, e.g. what `examples/train.py`
+        or `Trainer.save_model` writes) also loads: the model and processor come from it and the scheduler is the
+        default `HarmonDDPMScheduler` (or `scheduler=`). `dtype`/`device_map` are passed to the model.
+        """
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir() and not (folder / "model_index.json").is_file() and (folder / "config.json").is_file():
+            from .scheduling_harmon import HarmonDDPMScheduler
+
+            model_kwargs = {k: kwargs.pop(k) for k in ("dtype", "device_map", "attn_implementation") if k in kwargs}
+            model = kwargs.pop("model", None) or HarmonForConditionalGeneration.from_pretrained(folder, **model_kwargs)
+            processor = kwargs.pop("processor", None) or HarmonProcessor.from_pretrained(folder)
+            scheduler = kwargs.pop("scheduler", None) or HarmonDDPMScheduler()
+            if kwargs:
+                raise ValueError(f"unsupported arguments for a flat model folder {folder}: {sorted(kwargs)}")
+            return cls(model=model, scheduler=scheduler, processor=processor)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def vae(self):
