@@ -13,6 +13,10 @@ or a model folder with the processor next to it, e.g. the output of an earlier s
 weights from a named config (`--model_config tiny|harmon_0_5b|harmon_1_5b`, with `--processor_name_or_path` a
 processor folder or an LLM folder holding the tokenizer). The output folder holds the final model and processor:
 `HarmonForConditionalGeneration.from_pretrained(output_dir)` and `HarmonProcessor.from_pretrained(output_dir)`.
+
+`--lora PRESET [PRESET ...]` (with `--lora_r`, `--lora_alpha`, `--lora_dropout`) trains LoRA adapters on the named
+parts instead (harmon_hf.lora; any stage): checkpoints and the output folder then hold only the adapter
+(`adapter_config.json` + `adapter_model.safetensors`) and the processor; see docs/lora.md.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from harmon_hf.configuration_harmon import HarmonConfig
 from harmon_hf.image_processing_harmon import HarmonImageProcessor
+from harmon_hf.lora import check_lora_presets_for_tasks, get_harmon_peft_model, lora_preset_names
 from harmon_hf.modeling_harmon import HarmonForConditionalGeneration
 from harmon_hf.processing_harmon import HarmonProcessor
 from harmon_hf.training import (
@@ -46,6 +51,7 @@ from harmon_hf.training import (
     MixedTaskDataset,
     attach_latent_cache,
     build_task_dataset,
+    count_parameters,
     set_trainable_modules,
 )
 
@@ -82,6 +88,16 @@ class ModelArguments:
         metadata={"help": "dtype of the weights (keep float32 master weights and use --bf16 for mixed precision)."},
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+    lora: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": f"Train LoRA adapters on these presets instead of the weights: {', '.join(lora_preset_names())}. "
+            "trainable_modules is then ignored, and checkpoints / the output hold only the adapter (docs/lora.md)."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (scale alpha / r); default 2 * r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
 
 
 @dataclass
@@ -247,7 +263,8 @@ def build_datasets(
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> HarmonTrainer:
-    """Run training; returns the trainer (after saving the final model and processor in `output_dir`)."""
+    """Run training; returns the trainer (after saving the final model, or the LoRA adapter with `--lora`, and the
+    processor in `output_dir`)."""
     model_args, data_args, training_args = parse_arguments(argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level()
@@ -259,9 +276,23 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Harmon
     set_seed(training_args.seed)
 
     model, processor = load_model_and_processor(model_args, data_args)
-    counts = set_trainable_modules(model, model_args.trainable_modules)
-    logger.info(f"trainable {model_args.trainable_modules}: {counts['trainable']:,} of {counts['total']:,} parameters")
     train_dataset = build_datasets(data_args, processor, model, training_args)
+    if model_args.lora:
+        check_lora_presets_for_tasks(model_args.lora, train_dataset.tasks)
+        # PEFT freezes every base weight; the Trainer then saves (and resumes) only the adapter.
+        model = get_harmon_peft_model(
+            model, model_args.lora, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout
+        )
+        counts = count_parameters(model)
+        logger.info(
+            f"LoRA {model_args.lora} (r={model_args.lora_r}): {counts['trainable']:,} adapter parameters, "
+            f"{counts['frozen']:,} frozen (trainable_modules ignored)"
+        )
+    else:
+        counts = set_trainable_modules(model, model_args.trainable_modules)
+        logger.info(
+            f"trainable {model_args.trainable_modules}: {counts['trainable']:,} of {counts['total']:,} parameters"
+        )
     collator = HarmonDataCollator(
         processor,
         unconditional_prob=data_args.unconditional_prob,
@@ -283,7 +314,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Harmon
         if checkpoint is None:
             logger.info(f"No checkpoint in {training_args.output_dir}; starting from scratch.")
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()  # model + processor in output_dir
+    trainer.save_model()  # model (or adapter) + processor in output_dir
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()

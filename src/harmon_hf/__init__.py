@@ -15,6 +15,7 @@ from transformers import (
 
 from .configuration_harmon import HarmonConfig, HarmonDiffusionHeadConfig, HarmonMARConfig, HarmonVAEConfig
 from .image_processing_harmon import HarmonImageProcessor
+from .lora import LORA_PRESETS, get_harmon_peft_model, harmon_lora_config, lora_preset_names
 from .modeling_harmon import HarmonForConditionalGeneration, HarmonModel, HarmonPreTrainedModel
 from .pipeline_harmon import HarmonPipeline
 from .processing_harmon import HarmonProcessor
@@ -40,4 +41,8 @@ __all__ = [
     "HarmonPreTrainedModel",
     "HarmonProcessor",
     "HarmonVAEConfig",
+    "LORA_PRESETS",
+    "get_harmon_peft_model",
+    "harmon_lora_config",
+    "lora_preset_names",
 ]

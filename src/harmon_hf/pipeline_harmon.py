@@ -285,5 +285,65 @@ class HarmonPipeline(DiffusionPipeline):
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    # ----- LoRA adapters: thin wrappers over PEFT (docs/lora.md) ------------------------------------------------
+    # diffusers' LoRA mixins are keyed by diffusers-model components and do not fit a transformers model, so these
+    # go through peft directly. `PeftModel` injects the LoRA layers into `self.model` in place: the pipeline keeps
+    # calling the Harmon model itself, and the `PeftModel` is only kept to manage the adapters.
+    @property
+    def peft_model(self):
+        """The `peft.PeftModel` that manages the loaded adapters of `self.model` (`None` when none is loaded)."""
+        return self.__dict__.get("_peft_model")
+
+    def load_lora_weights(
+        self, pretrained_model_name_or_path: str | Path, adapter_name: str = "default", **kwargs
+    ) -> None:
+        """Load a LoRA adapter (a folder or Hub repo with `adapter_config.json` + `adapter_model.safetensors`, as
+        written by `PeftModel.save_pretrained` or `examples/train.py --lora`) onto `self.model` and activate it.
+
+        `kwargs` go to `PeftModel.from_pretrained` / `load_adapter` (`subfolder`, `revision`, ...). Loading a second
+        adapter (another `adapter_name`) makes it the active one; `set_adapters` combines several.
+        """
+        from peft import PeftModel
+
+        peft_model = self.peft_model
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(self.model, pretrained_model_name_or_path, adapter_name, **kwargs)
+            self._peft_model = peft_model
+        else:
+            if adapter_name in peft_model.peft_config:
+                raise ValueError(f"an adapter named {adapter_name!r} is already loaded; pass another adapter_name")
+            peft_model.load_adapter(pretrained_model_name_or_path, adapter_name, **kwargs)
+            peft_model.set_adapter(adapter_name)
+        self.model.eval()
+
+    def set_adapters(self, adapter_names: str | list[str]) -> None:
+        """Activate the named loaded adapter(s); several active adapters add their updates."""
+        self._require_peft_model().base_model.set_adapter(adapter_names)
+
+    def fuse_lora(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge the active (or the named) adapters into the base weights (faster sampling); `unfuse_lora` undoes
+        it. `fuse_lora()` then `unload_lora_weights()` leaves a plain model with the adapters baked in."""
+        self._require_peft_model().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unfuse_lora(self) -> None:
+        """Subtract fused adapters from the base weights again."""
+        self._require_peft_model().unmerge_adapter()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA layer from `self.model`. Unfused adapters are dropped (the base model comes back);
+        fused ones stay in the weights, as in diffusers, so the pipeline can then be saved as a merged model."""
+        peft_model = self.peft_model
+        if peft_model is None:
+            return
+        base = peft_model.unload()  # replaces the LoRA layers by their base layers inside self.model
+        if base is not self.model:  # unload() works in place; anything else would leave the pipeline stale
+            self.register_modules(model=base)
+        self._peft_model = None
+
+    def _require_peft_model(self):
+        if self.peft_model is None:
+            raise ValueError("no LoRA adapter is loaded; call load_lora_weights(path) first")
+        return self.peft_model
+
 
 __all__ = ["HarmonPipeline"]
