@@ -54,11 +54,13 @@ def load_upstream_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises many types for corrupt files
+    except Exception:  # torch raises many types for corrupt files
         try:  # older (non-zip) torch.save files cannot be memory-mapped
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+        except Exception as err2:
+            raise CheckpointError(
+                f"cannot read checkpoint {path} (truncated, or not a torch.save file?): {type(err2).__name__}: {err2}"
+            ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict) and len(obj) <= 3:
             obj = obj[wrapper]
@@ -151,6 +153,7 @@ def infer_harmon_config(
         upstream["llm.lm_head.weight"], upstream["llm.model.embed_tokens.weight"]
     )
     text = text_config.to_dict()
+    text.pop("_name_or_path", None)  # the local --llm path: not part of the model (and it made outputs differ)
     text["tie_word_embeddings"] = bool(tied)
     mar_config = dict(
         token_dim=token_dim,
@@ -182,6 +185,15 @@ def infer_harmon_config(
         image_size=grid * vae_config.downsample_factor * patch,
         tie_word_embeddings=bool(tied),
     )
+
+
+def _set_default_permissions(folder: Path) -> None:
+    """Give `folder` and everything in it the modes a plain `mkdir` / `open` would (0o777 / 0o666 minus the umask):
+    `mkdtemp` creates 0o700 and transformers writes its shards 0o600, which would hide the model from other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _holds_model(path: Path) -> bool:
@@ -217,6 +229,9 @@ def convert(
         raise CheckpointError(f"{output} already holds a model; pass --overwrite to replace it")
     if output.exists() and not output.is_dir():
         raise CheckpointError(f"{output} exists and is not a directory")
+    if output.is_dir() and not _holds_model(output) and any(output.iterdir()):
+        # the folder is replaced as a whole at the end: never delete files that are not a model
+        raise CheckpointError(f"{output} is a non-empty folder that holds no model; choose a new or empty folder")
     llm = Path(llm)
     if not (llm / "config.json").is_file():
         raise CheckpointError(f"--llm {llm} is not a Qwen2.5 directory (no config.json)")
@@ -256,7 +271,9 @@ def convert(
     ref = model.state_dict()
     for key, value in state.items():
         if tuple(value.shape) != tuple(ref[key].shape):
-            raise CheckpointError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(ref[key].shape)}")
+            raise CheckpointError(
+                f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(ref[key].shape)}"
+            )
         # The VAE stays float32 (HarmonPreTrainedModel keeps it so under any dtype).
         target = torch.float32 if key.startswith("model.vae.") else torch_dtype
         if value.dtype != target:
@@ -266,6 +283,9 @@ def convert(
         model.tie_weights()
     model.eval()
     model.config.dtype = torch_dtype
+    # batched `generate` pads finished rows; the tokenizer's pad token (Qwen: <|endoftext|>) instead of a warning
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
 
     pipe = HarmonPipeline(model=model, scheduler=HarmonDDPMScheduler(), processor=processor)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -279,6 +299,7 @@ def convert(
             )
             + "\n"
         )
+        _set_default_permissions(tmp)
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)

@@ -36,6 +36,9 @@ from .modeling_mar import HarmonMAR, HarmonMARBlock
 
 logger = logging.get_logger(__name__)
 
+# The id upstream's training data uses for image placeholders (not a vocabulary id); accepted besides `<image>`.
+UPSTREAM_IMAGE_PLACEHOLDER_ID = -200
+
 
 @dataclass
 class HarmonModelOutputWithPast(MultimodalBaseModelOutputWithPast):
@@ -196,6 +199,10 @@ class HarmonModel(HarmonPreTrainedModel):
         x_enc = self.mar.encode(image_tokens.reshape(b, m * n, d).to(self.mar.z_proj.weight.dtype), (m, n))
         return BaseModelOutputWithPooling(last_hidden_state=x_enc, pooler_output=self.project_visual(x_enc))
 
+    def is_image_placeholder(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask of the image placeholders in `input_ids`: the `<image>` id, or upstream's training id -200."""
+        return (input_ids == self.config.image_token_id) | (input_ids == UPSTREAM_IMAGE_PLACEHOLDER_ID)
+
     def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, n_features: int):
         """`(B, S, 1)` bool mask of the `<image>` positions; checks that their count equals the number of features."""
         if input_ids is None:
@@ -204,7 +211,7 @@ class HarmonModel(HarmonPreTrainedModel):
             )
             mask = (inputs_embeds == image_embed).all(-1)
         else:
-            mask = input_ids == self.config.image_token_id
+            mask = self.is_image_placeholder(input_ids)
         n_tokens = int(mask.sum())
         if n_tokens != n_features:
             raise ValueError(
@@ -236,17 +243,25 @@ class HarmonModel(HarmonPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs")
-        if inputs_embeds is None:
-            embed_ids = input_ids
-            if pixel_values is not None or mm_encoder_outputs is not None:
-                # Placeholders may carry ids outside the vocabulary (upstream training uses -200): embed a valid id.
-                embed_ids = torch.where(input_ids == self.config.image_token_id, 0, input_ids).clamp(min=0)
-            inputs_embeds = self.get_input_embeddings()(embed_ids)
-
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
         if mm_encoder_outputs.get("image") is None and pixel_values is not None:
             mm_encoder_outputs["image"] = self.get_image_features(pixel_values=pixel_values)
         image_outputs = mm_encoder_outputs.get("image")
+        if inputs_embeds is None:
+            embed_ids = input_ids
+            if image_outputs is not None:
+                # Placeholders may carry ids outside the vocabulary (upstream training uses -200): embed a valid id.
+                embed_ids = torch.where(self.is_image_placeholder(input_ids), 0, input_ids)
+            elif (cache is None or cache.get_seq_length() == 0) and bool(self.is_image_placeholder(input_ids).any()):
+                # A first forward (no cache yet) whose prompt holds placeholders but no images: the image would be
+                # silently replaced by the <image> embedding. (Later decoding steps may generate the id; fine.)
+                n = int(self.is_image_placeholder(input_ids).sum())
+                raise ValueError(
+                    f"input_ids hold {n} <image> placeholder tokens but no pixel_values (or image features) were "
+                    "given; pass the images the prompt refers to (HarmonProcessor(text=..., images=...))"
+                )
+            inputs_embeds = self.get_input_embeddings()(embed_ids)
+
         if image_outputs is not None:
             features = image_outputs.pooler_output
             features = features.reshape(-1, features.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
@@ -621,7 +636,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         orders: torch.LongTensor | None = None,
         init_noise: Sequence[torch.Tensor] | None = None,
         step_noise: Sequence[torch.Tensor] | None = None,
-        callback: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+        callback: Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None] | None = None,
         return_intermediates: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """The MAR generation loop (upstream `Harmon.sample`).
@@ -643,7 +658,8 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
             init_noise / step_noise: injected head noise per MAR round: `init_noise[s]` `(N_s', C)` (N_s' = predicted
                 rows of the conditional half with CFG, all rows without), `step_noise[s]` `(steps, N_s, C)` in
                 consumption order (see `scheduling_harmon.sample_tokens`).
-            callback: called after each round with `(round, {"tokens", "mask"})`.
+            callback: called after each round with `(round, {"tokens": (P, L, C), "mask": (P, L)})`; it may return a
+                dict whose `"tokens"` replace the current tokens (the mask, which drives the schedule, cannot change).
         Returns:
             tokens `(P, m, n, C)` of the conditional rows (and the per-round intermediates if asked).
         """
@@ -703,7 +719,8 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
             to_pred_rows = to_pred.repeat(rep, 1)
             cond = step["z"][to_pred_rows]
             if guidance_schedule == "linear":
-                scale = 1.0 + (guidance_scale - 1.0) * (length - mask_len) / length
+                # upstream's mask_len is clamped to >= 1 even in the last round (which then predicts everything left)
+                scale = 1.0 + (guidance_scale - 1.0) * (length - max(mask_len, 1)) / length
             else:
                 scale = guidance_scale
             if init_noise is not None:
@@ -718,7 +735,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
 
                 def noise_fn(j, _counts=counts):
                     half = _gather_rows(generators, _counts, (c,), device, torch.float32)
-                    return torch.cat([half, torch.zeros_like(half)]) if use_cfg else half
+                    return torch.cat([half, torch.zeros_like(half)]) if use_cfg and return_intermediates else half
 
             sampled = sample_tokens(
                 self.model.diffusion_head,
@@ -729,6 +746,9 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
                 temperature=temperature,
                 init_noise=x0_noise,
                 step_noise=noise_fn,
+                # only the conditional rows are kept: skip the unconditional half's scheduler steps (identical
+                # tokens); the intermediates keep upstream's full rows
+                conditional_only=not return_intermediates,
             )
             new_tokens = tokens.clone()
             new_tokens[to_pred] = sampled[: int(sum(counts))].to(dtype)
@@ -738,9 +758,32 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
                 )
             tokens, mask = new_tokens, next_mask
             if callback is not None:
-                callback(s, {"tokens": tokens, "mask": mask})
+                replaced = callback(s, {"tokens": tokens, "mask": mask})
+                tokens = self._callback_tokens(replaced, tokens, mask)
         tokens = tokens.reshape(n_img, m, n, c)
         return (tokens, intermediates) if return_intermediates else tokens
+
+    @staticmethod
+    def _callback_tokens(
+        replaced: dict[str, torch.Tensor] | None, tokens: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The tokens after a round callback returned `replaced` (None or a dict; see `generate_image_tokens`)."""
+        if replaced is None:
+            return tokens
+        if not isinstance(replaced, dict):
+            raise ValueError(f"a round callback must return None or a dict, got {type(replaced).__name__}")
+        new_mask = replaced.get("mask")
+        if new_mask is not None and new_mask is not mask and not torch.equal(new_mask.to(mask), mask):
+            raise ValueError("a round callback cannot change the mask: it drives the generation schedule")
+        new_tokens = replaced.get("tokens")
+        if new_tokens is None:
+            return tokens
+        if tuple(new_tokens.shape) != tuple(tokens.shape):
+            raise ValueError(
+                f"tokens returned by a round callback must have shape {tuple(tokens.shape)}, "
+                f"got {tuple(new_tokens.shape)}"
+            )
+        return new_tokens.to(tokens)
 
 
 __all__ = ["HarmonForConditionalGeneration", "HarmonModel", "HarmonPreTrainedModel", "HarmonMARBlock"]

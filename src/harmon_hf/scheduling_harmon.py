@@ -78,6 +78,8 @@ class DiffusionTables:
     fixed_large_log_variance: torch.Tensor
     # per (device, dtype): all tables stacked `(num_fields, K)`, so a step gathers coefficients without host syncs
     _stacked: dict = field(default_factory=dict, repr=False, compare=False)
+    # per (device, dtype, name, int index): the 0-d coefficient, so a sampling step does no table indexing
+    _scalars: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> DiffusionTables:
@@ -120,6 +122,10 @@ class DiffusionTables:
         `like.device`, shaped to broadcast against `like` `(N, ...)`: 0-d for an int index, `(N, 1, ..., 1)` for a
         per-row `(N,)` index."""
         key = (like.device, like.dtype)
+        if isinstance(index, int):
+            found = [self._scalars.get((key, name, index)) for name in names]
+            if all(c is not None for c in found):
+                return found
         stacked = self._stacked.get(key)
         if stacked is None:
             # cast on the CPU first: some backends (MPS) have no float64
@@ -130,6 +136,8 @@ class DiffusionTables:
             coef = stacked[_TABLE_INDEX[name]][index]
             if coef.ndim:
                 coef = coef.reshape(coef.shape[0], *([1] * (like.ndim - 1)))
+            elif isinstance(index, int):
+                self._scalars[(key, name, index)] = coef
             out.append(coef)
         return out
 
@@ -246,6 +254,10 @@ class HarmonDDPMScheduler(DDPMScheduler):
         self.alphas = (1.0 - self.train_tables.betas).float()
         self.alphas_cumprod = self.train_tables.alphas_cumprod.float()
         self._build_sample_tables()
+        # diffusers records which arguments were left at their defaults, and `OtherScheduler.from_config(config)`
+        # then takes the OTHER class's defaults for them (e.g. DDIM's linear betas instead of our cosine ones).
+        # Our defaults are Harmon's process, not generic ones: every value counts as given.
+        self.register_to_config(_use_default_values=[])
 
     def _float64_betas(self) -> torch.Tensor:
         """`(T,)` float64 betas of the configured schedule (the float32 diffusers ones only for exotic schedules)."""
@@ -348,8 +360,12 @@ class HarmonDDPMScheduler(DDPMScheduler):
         index: int | torch.Tensor,
         tables: DiffusionTables,
         clip: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Upstream `p_mean_variance` on already float32/64 tensors: returns (mean, log_variance, pred_xstart)."""
+        need_variance: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Upstream `p_mean_variance` on already float32/64 tensors: returns (mean, log_variance, pred_xstart).
+
+        With `need_variance=False` the log variance (which does not affect the mean) is skipped and returned as None.
+        """
         pred, var_values = self._split_output(model_output, sample)
         x = sample
         if self.config.prediction_type == "epsilon":
@@ -367,6 +383,8 @@ class HarmonDDPMScheduler(DDPMScheduler):
                 pred_x0 = pred_x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         coef1, coef2 = tables.take(("posterior_mean_coef1", "posterior_mean_coef2"), index, x)
         mean = coef1 * pred_x0 + coef2 * x
+        if not need_variance:
+            return mean, None, pred_x0
 
         vt = self.config.variance_type
         if vt == "learned_range":
@@ -432,9 +450,13 @@ class HarmonDDPMScheduler(DDPMScheduler):
         dtype = self._compute_dtype(sample)
         index = self.respaced_index(timestep)
         x = sample.to(dtype)
-        mean, log_var, pred_x0 = self._p_mean_variance(model_output.to(dtype), x, index, self.sample_tables, True)
         nonzero = (index != 0) if isinstance(index, torch.Tensor) else index != 0
-        if temperature != 0 and (bool(nonzero.any()) if isinstance(nonzero, torch.Tensor) else nonzero):
+        add_noise = temperature != 0 and (bool(nonzero.any()) if isinstance(nonzero, torch.Tensor) else nonzero)
+        # without noise the variance is not needed (the last step, temperature 0): skip its 8 tensor operations
+        mean, log_var, pred_x0 = self._p_mean_variance(
+            model_output.to(dtype), x, index, self.sample_tables, True, need_variance=add_noise
+        )
+        if add_noise:
             if variance_noise is None:
                 if isinstance(generator, list) and len(generator) != x.shape[0]:
                     raise ValueError(f"got {len(generator)} generators for {x.shape[0]} rows")
@@ -566,6 +588,8 @@ class HarmonDDPMScheduler(DDPMScheduler):
 
 
 # ----- the sampling loop -----------------------------------------------------------------------------------------
+# Upper bound of the adaLN modulations precomputed at once by `sample_tokens` (they are computed for chunks of steps).
+MODULATION_CHUNK_BYTES = 64 * 2**20
 _warned_ignored_temperature: set[str] = set()
 
 
@@ -592,6 +616,8 @@ def sample_tokens(
     init_noise: torch.Tensor | None = None,
     step_noise: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
     return_trajectory: bool = False,
+    conditional_only: bool = False,
+    hoist_modulations: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample one latent token per condition row with the diffusion head (upstream `DiffLoss.sample`).
 
@@ -621,8 +647,18 @@ def sample_tokens(
             (j = the j-th reverse step, 0 = the noisiest). Only requested when used (not at the last DDPM step nor
             with temperature 0; at every step of a stochastic DPM-Solver; never by deterministic schedulers).
         return_trajectory: also return x after every step.
+        conditional_only: with guidance, step and return only the conditional half `(N/2, C)`. The network sees
+            `x[:N/2]` for both halves, so the unconditional half of x is never used: its scheduler step is waste
+            (upstream runs it and throws it away). The conditional rows are identical to the full run's.
+        hoist_modulations: for a head with `modulations` / `forward_modulated` (`HarmonDiffusionHead`), compute the
+            adaLN modulations of many steps in one batched call per layer (chunks of at most
+            `MODULATION_CHUNK_BYTES`) instead of one small GEMM per step and layer. Same operations on the same
+            values; a large GEMM may round differently from many small ones (last-ulp differences, within the
+            fixture tolerances), and it is 2-3x faster for a wide head on a CPU. False = one `forward_embedded` per
+            step (the reference path).
     Returns:
-        `(N, C)` float32 tokens, and with `return_trajectory` the `(S, N, C)` trajectory (last entry = the result).
+        `(N, C)` float32 tokens (`(N/2, C)` with `conditional_only`), and with `return_trajectory` the `(S, N, C)`
+        trajectory (last entry = the result).
     """
     if cond.ndim != 2:
         raise ValueError(f"cond must be (N, cond_channels), got shape {tuple(cond.shape)}")
@@ -640,10 +676,17 @@ def sample_tokens(
             "a stock DDPMScheduler cannot take temperature or injected noise; use "
             "HarmonDDPMScheduler.from_config(scheduler.config) instead"
         )
-    if not is_harmon and getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range"):
+    # (only for classes that read `variance_type`: DDIM takes it over from a Harmon config via from_config but
+    # ignores it; DPM-Solver would keep 3 channels of a learned-range output)
+    if (
+        not is_harmon
+        and "variance_type" in inspect.signature(type(scheduler).__init__).parameters
+        and getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+    ):
         raise ValueError(
             f"{type(scheduler).__name__} with variance_type={scheduler.config.variance_type!r} cannot be fed the eps "
-            "half; build it with variance_type=None (HarmonDDPMScheduler.compatible_scheduler does)"
+            f"half; build it with variance_type=None ({type(scheduler).__name__}.from_config(config, "
+            "variance_type=None), or HarmonDDPMScheduler.compatible_scheduler)"
         )
     if isinstance(generator, list) and len(generator) != n_draw:
         raise ValueError(f"got {len(generator)} generators for {n_draw} rows (one per conditional row)")
@@ -682,40 +725,68 @@ def sample_tokens(
             _warned_ignored_temperature.add(name)
             logger.warning(f"{name} is deterministic: temperature={temperature} has no effect")
 
+    cond_only = conditional_only and use_cfg
+    if cond_only:
+        x = x[:n_draw]  # the unconditional half is never read (see `conditional_only`)
+    stepped_rows = n_draw if cond_only else rows
+
     def noise_for(j: int) -> torch.Tensor:
         if step_noise is not None:
             noise = step_noise[j] if isinstance(step_noise, torch.Tensor) else step_noise(j)
-            if tuple(noise.shape) != (rows, channels):
+            if tuple(noise.shape) != (rows, channels) and not (cond_only and tuple(noise.shape) == (n_draw, channels)):
                 raise ValueError(f"step_noise({j}) must be ({rows}, {channels}), got {tuple(noise.shape)}")
-            return noise.to(device, torch.float32)
+            return noise[:stepped_rows].to(device, torch.float32)
         if isinstance(generator, list):
             half = _draw((n_draw, channels), generator, device)
-            return torch.cat([half, half]) if use_cfg else half
-        return _draw((rows, channels), generator, device)
+            return half if cond_only or not use_cfg else torch.cat([half, half])
+        # one (rows, C) draw even when only the conditional half is used: the random stream stays the same
+        return _draw((rows, channels), generator, device)[:stepped_rows]
 
     # Step-invariant work, hoisted: the condition embedding, and the timestep embeddings of all steps in one call
     # (one row per step, broadcast over the batch: the network only sees t through y = t_emb + c_emb).
     embedded = all(hasattr(head, a) for a in ("cond_embed", "time_embed", "forward_embedded"))
+    hoist = embedded and hoist_modulations and all(hasattr(head, a) for a in ("modulations", "forward_modulated"))
     head_dtype = next((p.dtype for p in head.parameters()), torch.float32)
     if embedded:
         c_emb = head.cond_embed(cond.to(head_dtype))
         t_emb = head.time_embed(timesteps.to(device))
+    if hoist:
+        width = c_emb.shape[-1]
+        per_step = rows * width * (3 * len(head.res_blocks) + 2) * c_emb.element_size()
+        chunk = max(1, min(num_steps, MODULATION_CHUNK_BYTES // max(per_step, 1)))
+    step_mods: list = []
 
     trajectory = []
     for j, t in enumerate(t_values):
         x_in = scheduler.scale_model_input(x, t)
         if embedded:
-            net_x = torch.cat([x_in[:n_draw], x_in[:n_draw]]) if use_cfg else x_in
-            out = head.forward_embedded(net_x.to(head_dtype), t_emb[j] + c_emb).float()
+            net_half = x_in[:n_draw]
+            net_x = torch.cat([net_half, net_half]) if use_cfg else x_in
+            if hoist:
+                if j % chunk == 0:
+                    # modulations of steps j .. j+chunk-1 at once; y = t_emb + c_emb as in the per-step path
+                    mods = head.modulations(t_emb[j : j + chunk, None, :] + c_emb[None])
+                    # per layer: the (k, rows, W) tensors -> k per-step tuples of (rows, W) views
+                    step_mods = [list(zip(*(m.unbind(0) for m in group))) for group in mods]
+                out = head.forward_modulated(net_x.to(head_dtype), [group[j % chunk] for group in step_mods])
+            else:
+                out = head.forward_embedded(net_x.to(head_dtype), t_emb[j] + c_emb)
+            out = out.float()
             if use_cfg:
                 eps, rest = out[:, :channels], out[:, channels:]
                 cond_eps, uncond_eps = eps.chunk(2, dim=0)
                 guided = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
-                out = torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+                if cond_only:
+                    out = torch.cat([guided, rest[:n_draw]], dim=1)
+                else:
+                    out = torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
         else:
+            full_x = torch.cat([x_in, x_in]) if cond_only else x_in
             t_vec = torch.full((rows,), t, device=device, dtype=torch.long)
-            x_h, c_h = x_in.to(head_dtype), cond.to(head_dtype)
+            x_h, c_h = full_x.to(head_dtype), cond.to(head_dtype)
             out = (head.forward_with_cfg(x_h, t_vec, c_h, guidance_scale) if use_cfg else head(x_h, t_vec, c_h)).float()
+            if cond_only:
+                out = out[:n_draw]
 
         if is_harmon:
             needs_noise = stochastic and j != num_steps - 1  # the last respaced step adds no noise
