@@ -209,8 +209,12 @@ def convert(
     overwrite: bool = False,
     mar_num_heads: int | None = None,
     verbose: bool = True,
+    default_image_size: int | None = None,
 ) -> Path:
     """Convert upstream checkpoints into a harmon-hf pipeline folder at `output`. Returns the folder.
+
+    `default_image_size` is the pipeline's default height/width; by default 512 for models trained at 256 px (the
+    released checkpoints: upstream samples at 512 through the resized position tables), else the trained size.
 
     Raises `CheckpointError` (a `ValueError`) with a one-line message on any bad input; `output` is left untouched.
     """
@@ -287,7 +291,11 @@ def convert(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
 
-    pipe = HarmonPipeline(model=model, scheduler=HarmonDDPMScheduler(), processor=processor)
+    if default_image_size is None:
+        default_image_size = 512 if config.image_size == 256 else config.image_size
+    pipe = HarmonPipeline(
+        model=model, scheduler=HarmonDDPMScheduler(), processor=processor, default_image_size=default_image_size
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -323,10 +331,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     parser.add_argument("--mar-num-heads", type=int, default=None, help="override the inferred MAR head count")
+    parser.add_argument(
+        "--default-image-size",
+        type=int,
+        default=None,
+        help="the pipeline's default height/width in pixels (default: 512 for models trained at 256 px, as upstream "
+        "samples; else the trained size)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    convert(args.checkpoint, args.vae, args.llm, args.output, args.dtype, args.overwrite, args.mar_num_heads)
+    convert(
+        args.checkpoint,
+        args.vae,
+        args.llm,
+        args.output,
+        args.dtype,
+        args.overwrite,
+        args.mar_num_heads,
+        default_image_size=args.default_image_size,
+    )
     return 0
 
 
