@@ -1,0 +1,343 @@
+#!/usr/bin/env python
+"""Reproduce Harmon-Shapes, the embedded default model, from scratch on CPU (issue #7).
+
+    python examples/shapes/train.py --out out/harmon-shapes                 # about 50 minutes on 2 cores
+    python examples/shapes/train.py --out out/harmon-shapes --ship          # ... and install it as the default model
+    python examples/shapes/train.py --out /tmp/hs-smoke --smoke             # every step in about 2 minutes
+
+The steps (each skipped when its output already exists in OUT, so an interrupted run continues):
+
+1. `OUT/data`: the Harmon-Shapes train/test splits and the ~500-token tokenizer (`harmon_hf.shapes.data`,
+   `harmon_hf.shapes.tokenizer`; seconds).
+2. `OUT/vae`: the kl16-layout autoencoder (`harmon_hf.shapes.vae.train_vae`; about 10 minutes).
+3. `OUT/stage0`: a randomly initialised Harmon of the architecture in `examples/shapes/configs/model.yaml`
+   (a small Qwen2 LLM from scratch, a small MAR and diffusion head) with the trained VAE inside, and its processor.
+4. `OUT/stage1`, `OUT/stage2`, `OUT/stage3`: the three Harmon training stages, each run by `examples/train.py`
+   (the project's Trainer script) with the upstream stage preset (`examples/configs/stage*.yaml`) updated by the
+   shapes overrides (`examples/shapes/configs/stage*.yaml`); the merged file is saved as `OUT/stageN.yaml`.
+   Stage 1 aligns with the LLM frozen, stage 2 trains everything, stage 3 anneals everything at a lower rate.
+5. `OUT/harmon-shapes`: the `HarmonPipeline` folder (model/, scheduler/, processor/, model_index.json), what
+   `harmon_hf.default_model` ships; `--ship` copies it into `src/harmon_hf/default_model/harmon-shapes`.
+6. With `--eval N`: ShapesEval on N held-out scenes per kind (`OUT/shapes_eval.json`).
+
+`OUT/train_report.json` records the wall time of every step, the parameter counts and the weight size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = Path(__file__).resolve().parent / "configs"
+PRESETS = REPO / "examples" / "configs"
+DEFAULT_MODEL_DIR = REPO / "src" / "harmon_hf" / "default_model" / "harmon-shapes"
+
+# (name, upstream preset, shapes overrides)
+STAGES: tuple[tuple[str, str, str], ...] = (
+    ("stage1", "stage1_alignment.yaml", "stage1.yaml"),
+    ("stage2", "stage2_full.yaml", "stage2.yaml"),
+    ("stage3", "stage3_high_quality.yaml", "stage3.yaml"),
+)
+
+# --smoke: the same steps, a few optimizer steps each (checks the script, not the model).
+SMOKE_OVERRIDES: dict[str, Any] = {"max_steps": 3, "logging_steps": 1, "per_device_train_batch_size": 4}
+
+
+def log(message: str) -> None:
+    """Timestamped progress line."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping (empty file -> {})."""
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1-2: data and autoencoder
+# ------------------------------------------------------------------------------------------------------------------
+def make_data(out: Path, train: int, test: int, seed: int = 0) -> Path:
+    """Write OUT/data/{train,test,tokenizer} unless present."""
+    from harmon_hf.shapes.data import ShapesWorld, write_dataset
+    from harmon_hf.shapes.tokenizer import save_tokenizer
+
+    data = out / "data"
+    world = ShapesWorld(resolution=64)
+    for split, n in (("train", train), ("test", test)):
+        if not (data / split / "world.json").is_file():
+            summary = write_dataset(data / split, n, split=split, seed=seed, world=world)
+            log(f"data: {split} {summary['num_images']} pictures, {summary['num_questions']} questions")
+    if not (data / "tokenizer" / "tokenizer.json").is_file():
+        save_tokenizer(data / "tokenizer", 500, world)
+    return data
+
+
+def train_autoencoder(out: Path, steps: int, smoke: bool) -> Path:
+    """Train the shapes VAE into OUT/vae unless present; returns the diffusers folder OUT/vae/vae.
+
+    A fixed number of steps and no time limit, so that the result does not depend on the machine's speed."""
+    from harmon_hf.shapes.vae import VAETrainingConfig, train_vae
+
+    folder = out / "vae"
+    if not (folder / "vae" / "config.json").is_file():
+        if smoke:
+            config = VAETrainingConfig(steps=20, eval_images=16, log_every=5, time_limit_minutes=None)
+        else:
+            config = VAETrainingConfig(steps=steps, time_limit_minutes=None)
+        train_vae(config, folder, log=log)
+    return folder / "vae"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3: the initial model
+# ------------------------------------------------------------------------------------------------------------------
+def build_config(model_yaml: dict[str, Any], vae_config: dict[str, Any], tokenizer, image_token_id: int) -> Any:
+    """`HarmonConfig` of Harmon-Shapes: the architecture of `model.yaml`, the trained VAE's layout and scale, and
+    the vocabulary of the shapes tokenizer with `<image>` (`image_token_id`, the last id)."""
+    from harmon_hf.configuration_harmon import HarmonConfig
+    from harmon_hf.shapes.vae import HARMON_VAE_KEYS
+
+    llm, mar, head = model_yaml["llm"], model_yaml["mar"], model_yaml["diffusion_head"]
+    multiple = int(llm.get("vocab_multiple", 64))
+    vocab = -(-(image_token_id + 1) // multiple) * multiple
+    text = dict(
+        model_type="qwen2",
+        hidden_size=llm["hidden_size"],
+        intermediate_size=llm["intermediate_size"],
+        num_hidden_layers=llm["num_hidden_layers"],
+        num_attention_heads=llm["num_attention_heads"],
+        num_key_value_heads=llm["num_key_value_heads"],
+        vocab_size=vocab,
+        max_position_embeddings=llm["max_position_embeddings"],
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_theta": float(llm["rope_theta"]), "rope_type": "default"},
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    grid = model_yaml["image_size"] // 16
+    mar_config = dict(
+        token_dim=vae_config["latent_channels"],
+        grid_size=grid,
+        buffer_size=model_yaml["buffer_size"],
+        encoder_embed_dim=mar["embed_dim"],
+        encoder_depth=mar["encoder_depth"],
+        encoder_num_heads=mar["num_heads"],
+        decoder_embed_dim=mar["embed_dim"],
+        decoder_depth=mar["decoder_depth"],
+        decoder_num_heads=mar["num_heads"],
+        attention_dropout=mar.get("dropout", 0.0),
+        projection_dropout=mar.get("dropout", 0.0),
+    )
+    head_config = dict(
+        in_channels=vae_config["latent_channels"],
+        model_channels=head["model_channels"],
+        num_res_blocks=head["num_res_blocks"],
+        cond_channels=mar["embed_dim"],
+    )
+    vae = {k: vae_config[k] for k in HARMON_VAE_KEYS}
+    return HarmonConfig(
+        text_config=text,
+        mar_config=mar_config,
+        diffusion_head_config=head_config,
+        vae_config=vae,
+        image_token_id=image_token_id,
+        vae_scale=float(vae_config["scaling_factor"]),  # 1 / std of the posterior means (train_vae)
+        image_size=model_yaml["image_size"],
+    )
+
+
+def build_initial_model(out: Path, data: Path, vae_dir: Path, seed: int) -> Path:
+    """OUT/stage0: random Harmon-Shapes weights + the trained VAE, and the processor (a folder `examples/train.py`
+    loads with `--model_name_or_path`)."""
+    from diffusers import AutoencoderKL
+
+    from harmon_hf.modeling_harmon import HarmonForConditionalGeneration
+    from harmon_hf.processing_harmon import HarmonProcessor
+
+    folder = out / "stage0"
+    if (folder / "config.json").is_file():
+        return folder
+    model_yaml = load_yaml(CONFIGS / "model.yaml")
+    processor = HarmonProcessor.from_llm_dir(
+        data / "tokenizer", image_size=model_yaml["image_size"], buffer_size=model_yaml["buffer_size"]
+    )
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    config = build_config(model_yaml, dict(vae.config), processor.tokenizer, processor.image_token_id)
+    torch.manual_seed(seed)
+    model = HarmonForConditionalGeneration(config)
+    model.model.vae.load_state_dict(vae.state_dict())
+    # Understanding answers end at <|im_end|>; pad with <|endoftext|> as Qwen2.5 does.
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    counts = {name: sum(p.numel() for p in getattr(model.model, name).parameters()) for name in _PARTS}
+    (folder / "parameters.json").write_text(json.dumps(counts, indent=1) + "\n")
+    log(f"stage0: {sum(counts.values()) / 1e6:.2f} M parameters {counts}")
+    return folder
+
+
+_PARTS = ("language_model", "mar", "diffusion_head", "proj_in", "proj_out", "vae")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4: the training stages
+# ------------------------------------------------------------------------------------------------------------------
+def _train_main():
+    """`main` of examples/train.py (a script, not a package module)."""
+    spec = importlib.util.spec_from_file_location("harmon_train_script", REPO / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def stage_config(preset: str, overrides: str, smoke: bool) -> dict[str, Any]:
+    """The upstream stage preset updated with the shapes overrides (and the smoke-test ones)."""
+    config = load_yaml(PRESETS / preset)
+    config.update(load_yaml(CONFIGS / overrides))
+    if smoke:
+        config.update(SMOKE_OVERRIDES)
+    return config
+
+
+def run_stages(out: Path, data: Path, start: Path, smoke: bool) -> Path:
+    """Stages 1-3 in turn, each starting from the previous stage's output folder."""
+    train_main = _train_main()
+    previous = start
+    for name, preset, overrides in STAGES:
+        folder = out / name
+        if (folder / "config.json").is_file() and (folder / "processor_config.json").is_file():
+            log(f"{name}: done before, kept")
+            previous = folder
+            continue
+        config = stage_config(preset, overrides, smoke)
+        merged = out / f"{name}.yaml"
+        merged.write_text(yaml.safe_dump(config, sort_keys=False))
+        argv = [
+            str(merged),
+            "--model_name_or_path",
+            str(previous),
+            "--output_dir",
+            str(folder),
+            "--i2t_data",
+            str(data / "train" / "conversations_multiturn.json"),
+            str(data / "train" / "data_info.json"),
+            "--t2i_data",
+            str(data / "train" / "data_info.json"),
+            "--latent_cache_dir",
+            str(out / "latent_cache"),
+        ]
+        if list(folder.glob("checkpoint-*")):
+            argv += ["--resume_from_checkpoint", "last"]  # an interrupted run continues where it stopped
+        log(f"{name}: {preset} + shapes/configs/{overrides} ({config['max_steps']} steps)")
+        start_time = time.perf_counter()
+        train_main(argv)
+        log(f"{name}: done in {(time.perf_counter() - start_time) / 60:.1f} min")
+        previous = folder
+    return previous
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5-6: the pipeline folder, shipping, evaluation
+# ------------------------------------------------------------------------------------------------------------------
+def save_pipeline(stage_dir: Path, target: Path) -> int:
+    """Assemble `HarmonPipeline(model, HarmonDDPMScheduler(**model.yaml's scheduler), processor)` from a stage folder
+    and save it; returns the size of the weights (bytes)."""
+    from harmon_hf.modeling_harmon import HarmonForConditionalGeneration
+    from harmon_hf.pipeline_harmon import HarmonPipeline
+    from harmon_hf.processing_harmon import HarmonProcessor
+    from harmon_hf.scheduling_harmon import HarmonDDPMScheduler
+
+    model = HarmonForConditionalGeneration.from_pretrained(stage_dir)
+    processor = HarmonProcessor.from_pretrained(stage_dir)
+    # Harmon's sampler with the x_0 clipping of model.yaml (see the comment there).
+    scheduler = HarmonDDPMScheduler(**load_yaml(CONFIGS / "model.yaml").get("scheduler", {}))
+    pipe = HarmonPipeline(model=model, scheduler=scheduler, processor=processor)
+    if target.exists():
+        shutil.rmtree(target)
+    pipe.save_pretrained(target, safe_serialization=True)
+    return sum(p.stat().st_size for p in target.rglob("*.safetensors"))
+
+
+def ship(pipeline_dir: Path, target: Path = DEFAULT_MODEL_DIR) -> None:
+    """Copy the pipeline folder into the package (replacing the embedded default model)."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(pipeline_dir, target)
+    log(f"shipped {pipeline_dir} -> {target}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and run every step."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="work folder (data, vae, stages, the pipeline folder)")
+    parser.add_argument("--train", type=int, default=20000, help="training pictures")
+    parser.add_argument("--test", type=int, default=600, help="test pictures (written for inspection)")
+    parser.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--vae-steps",
+        type=int,
+        default=1375,
+        help="autoencoder steps (the shipped VAE's: its 1500-step default stopped there at the 12-minute limit)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="a few steps per stage (checks the script)")
+    parser.add_argument("--ship", action="store_true", help="install the result as the package's default model")
+    parser.add_argument("--eval", type=int, default=0, metavar="N", help="run ShapesEval on N scenes per kind")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"seconds": {}}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        report["seconds"][name] = round(now - clock, 1)
+        clock = now
+
+    data = make_data(out, 200 if args.smoke else args.train, 30 if args.smoke else args.test, args.seed)
+    lap("data")
+    vae_dir = train_autoencoder(out, args.vae_steps, args.smoke)
+    lap("vae")
+    stage0 = build_initial_model(out, data, vae_dir, args.seed)
+    lap("stage0")
+    final_stage = run_stages(out, data, stage0, args.smoke)
+    lap("stages")
+    pipeline_dir = out / "harmon-shapes"
+    report["weights_bytes"] = save_pipeline(final_stage, pipeline_dir)
+    report["parameters"] = json.loads((stage0 / "parameters.json").read_text())
+    lap("pipeline")
+    report["total_minutes"] = round(sum(report["seconds"].values()) / 60, 1)
+    log(f"pipeline -> {pipeline_dir} ({report['weights_bytes'] / 1e6:.1f} MB of weights)")
+    if args.ship:
+        ship(pipeline_dir)
+    if args.eval:
+        from harmon_hf.shapes.run_eval import evaluate_model
+
+        evaluate_model(pipeline_dir, n=args.eval, out_json=out / "shapes_eval.json")
+        lap("eval")
+    (out / "train_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    log(f"done: {report['seconds']}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "src"))
+    main()

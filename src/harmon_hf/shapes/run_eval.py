@@ -1,0 +1,205 @@
+"""ShapesEval on a model folder: what `harmon-hf eval-shapes --model DIR` runs.
+
+Works on any `HarmonPipeline` folder (model/, scheduler/, processor/) or a training output folder (model and
+processor side by side), so sampler or training changes can be compared on the same held-out scenes:
+
+- generation: `HarmonPipeline` draws every `test`-split caption (one torch generator per image, seeded by the batch
+  seed and the image's place in the batch, so a run is reproducible) and `harmon_hf.shapes.eval` scores the pictures;
+- understanding: greedy `model.generate` answers each question about the held-out pictures, given as the chat
+  `[image, question]` user turn the model was trained on, and the answers are compared exactly (after
+  normalisation).
+
+    from harmon_hf.shapes.run_eval import evaluate_model
+    results = evaluate_model("out/harmon-shapes", n=50, out_json="shapes_eval.json")
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .data import KINDS
+
+__all__ = ["add_arguments", "evaluate_model", "load_model", "make_answer_fn", "make_generate_fn", "run"]
+
+
+def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """`(pipeline, model, processor)` from a pipeline folder, or from a training output folder (model + processor
+    files in one folder, wrapped here in a pipeline with the default `HarmonDDPMScheduler`)."""
+    from ..modeling_harmon import HarmonForConditionalGeneration
+    from ..pipeline_harmon import HarmonPipeline
+    from ..processing_harmon import HarmonProcessor
+    from ..scheduling_harmon import HarmonDDPMScheduler
+
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        pipe = HarmonPipeline.from_pretrained(folder, dtype=dtype)
+    elif (folder / "config.json").is_file():
+        model = HarmonForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+        processor = HarmonProcessor.from_pretrained(folder)
+        pipe = HarmonPipeline(model=model, scheduler=HarmonDDPMScheduler(), processor=processor)
+    else:
+        raise FileNotFoundError(f"{folder} is neither a HarmonPipeline folder nor a model folder")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.model.eval()
+    return pipe, pipe.model, pipe.processor
+
+
+def make_generate_fn(
+    pipe,
+    num_inference_steps: int = 64,
+    guidance_scale: float = 3.0,
+    guidance_schedule: str = "constant",
+    temperature: float = 1.0,
+    size: int | None = None,
+):
+    """`(prompts, seed) -> images` for `shapes.eval.evaluate`: image i of a batch takes its whole randomness from
+    `torch.Generator().manual_seed(seed * 1000 + i)`. `num_inference_steps` is capped at the number of image
+    tokens here (the pipeline would cap it too, with a warning per call)."""
+    side = (size or pipe.default_sample_size) // pipe.model.config.image_stride
+    num_inference_steps = min(num_inference_steps, side * side)
+
+    def generate(prompts: list[str], seed: int) -> list[Image.Image]:
+        generators = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(prompts))]
+        return pipe(
+            prompts,
+            height=size,
+            width=size,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            guidance_schedule=guidance_schedule,
+            temperature=temperature,
+            generator=generators,
+        ).images
+
+    return generate
+
+
+def make_answer_fn(model, processor, max_new_tokens: int = 8):
+    """`(image, question) -> answer` for `shapes.eval.evaluate`: one user turn `[image, question]`, greedy decoding.
+    The answers are single words, so a few new tokens suffice."""
+
+    @torch.no_grad()
+    def answer(image: Image.Image, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=prompt, images=[image], return_tensors="pt").to(model.device)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        # (1, S + new) -> the new tokens only
+        return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+    return answer
+
+
+def evaluate_model(
+    folder: str | Path,
+    n: int = 50,
+    seed: int = 1234,
+    out_json: str | Path | None = None,
+    image_dir: str | Path | None = None,
+    tasks: Sequence[str] = ("generation", "understanding"),
+    kinds: Sequence[str] = KINDS,
+    batch_size: int = 8,
+    num_inference_steps: int = 64,
+    guidance_scale: float = 3.0,
+    guidance_schedule: str = "constant",
+    temperature: float = 1.0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """ShapesEval of the model in `folder` on `n` held-out scenes per kind (see `shapes.eval.evaluate` for the
+    result layout); the sampling settings and the folder are added under `results["config"]`."""
+    from .eval import evaluate
+
+    unknown = set(tasks) - {"generation", "understanding"}
+    if unknown or not tasks:
+        raise ValueError(f"tasks must be a non-empty subset of ('generation', 'understanding'), got {list(tasks)}")
+    pipe, model, processor = load_model(folder, device=device, dtype=dtype)
+    # The world's pictures are drawn at the resolution the model was trained for.
+    size = int(model.config.image_size)
+    generate_fn = (
+        make_generate_fn(pipe, num_inference_steps, guidance_scale, guidance_schedule, temperature, size)
+        if "generation" in tasks
+        else None
+    )
+    answer_fn = make_answer_fn(model, processor) if "understanding" in tasks else None
+    results = evaluate(
+        generate_fn,
+        answer_fn,
+        n=n,
+        seed=seed,
+        kinds=kinds,
+        batch_size=batch_size,
+        out_json=None,
+        image_dir=image_dir,
+        verbose=verbose,
+    )
+    results["config"].update(
+        model=str(folder),
+        sampling=dict(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            guidance_schedule=guidance_schedule,
+            temperature=temperature,
+            size=size,
+        ),
+    )
+    if out_json is not None:
+        import json
+
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# command line (the `harmon-hf eval-shapes` subcommand)
+# ------------------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation options of `harmon-hf eval-shapes` (the CLI adds `--model`, `--device`, `--dtype`)."""
+    parser.add_argument("--n", type=int, default=50, help="held-out scenes per kind (single, pair, count)")
+    parser.add_argument("--json", default=None, metavar="OUT", help="write the full result (with every item) here")
+    parser.add_argument("--images", default=None, metavar="DIR", help="save the generated pictures here")
+    parser.add_argument("--seed", type=int, default=1234, help="test-split and sampling seed")
+    parser.add_argument(
+        "--tasks", nargs="+", default=["generation", "understanding"], choices=["generation", "understanding"]
+    )
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    parser.add_argument("--steps", type=int, default=64, help="MAR rounds (clamped to the number of image tokens)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance-schedule", default="constant", choices=["constant", "linear"])
+    parser.add_argument("--temperature", type=float, default=1.0)
+
+
+def run(args: argparse.Namespace, folder: str | Path) -> int:
+    """Run `evaluate_model` with parsed `add_arguments` options (+ `device`, `dtype`) on `folder`."""
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = evaluate_model(
+        folder,
+        n=args.n,
+        seed=args.seed,
+        out_json=args.json,
+        image_dir=args.images,
+        tasks=args.tasks,
+        kinds=args.kinds,
+        batch_size=args.batch_size,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        guidance_schedule=args.guidance_schedule,
+        temperature=args.temperature,
+        device=device,
+        dtype=getattr(torch, args.dtype),
+    )
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0 if results else 1

@@ -1,0 +1,233 @@
+"""The speed-ups of docs/performance.md against straightforward reference paths (outputs, not timings).
+
+- The adaLN modulations hoisted out of the diffusion head's step loop (`forward_modulated`, batched over steps in
+  `sample_tokens`) compute the upstream formula (bitwise at the same shapes; in float64 the whole sampling loop is
+  bitwise that of the per-step path).
+- `conditional_only` (no scheduler step for the never-read unconditional half) keeps the conditional rows bitwise.
+- The scheduler's cached coefficients and skipped variance keep `step` bitwise equal to `p_mean_variance`.
+- `generate_image_tokens` without intermediates (the fast path) gives the tokens of the full-row path bitwise.
+- Pipeline chunking (`max_batch_size`) and sliced VAE decoding give the images of one call (up to float rounding:
+  batched GEMMs may round differently from smaller ones).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_model import fast_pipeline_dir, requires_tiny
+
+from harmon_hf import HarmonConfig, HarmonForConditionalGeneration
+from harmon_hf.configuration_harmon import HarmonDiffusionHeadConfig
+from harmon_hf.modeling_diffusion_head import HarmonDiffusionHead
+from harmon_hf.scheduling_harmon import HarmonDDPMScheduler, sample_tokens
+
+
+def random_head(width: int = 64, blocks: int = 2, cond: int = 32, seed: int = 0) -> HarmonDiffusionHead:
+    """A head with every weight random (the adaLN / output layers are zero-initialised otherwise)."""
+    torch.manual_seed(seed)
+    head = HarmonDiffusionHead(
+        HarmonDiffusionHeadConfig(model_channels=width, num_res_blocks=blocks, cond_channels=cond)
+    )
+    with torch.no_grad():
+        for param in head.parameters():
+            param.normal_(0.0, 0.15 if param.ndim == 2 else 0.05)
+    return head.eval()
+
+
+def reference_head_forward(head: HarmonDiffusionHead, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor):
+    """Upstream's `SimpleMLPAdaLN.forward` written out plainly (modulation recomputed inside every block)."""
+    y = head.time_embed(t) + head.cond_embed(c)
+    h = head.input_proj(x)
+    for block in head.res_blocks:
+        shift, scale, gate = block.adaLN_modulation(y).chunk(3, dim=-1)
+        h = h + gate * block.mlp(block.in_ln(h) * (1 + scale) + shift)
+    shift, scale = head.final_layer.adaLN_modulation(y).chunk(2, dim=-1)
+    return head.final_layer.linear(head.final_layer.norm_final(h) * (1 + scale) + shift)
+
+
+@torch.no_grad()
+def test_modulated_head_is_the_upstream_formula() -> None:
+    head = random_head()
+    x, c = torch.randn(6, 16), torch.randn(6, 32)
+    t = torch.tensor([999, 500, 10, 0, 3, 77])
+    assert torch.equal(head(x, t, c), reference_head_forward(head, x, t, c))
+    y = head.embed_condition(t, c)
+    assert torch.equal(head.forward_modulated(x, head.modulations(y)), head.forward_embedded(x, y))
+
+
+@torch.no_grad()
+def test_modulations_batched_over_steps_match_per_step() -> None:
+    head = random_head(width=256, blocks=3, cond=256)
+    t_emb = head.time_embed(torch.arange(0, 1000, 100))
+    c_emb = head.cond_embed(torch.randn(10, 256))
+    batched = head.modulations(t_emb[:, None, :] + c_emb[None])
+    for j in range(len(t_emb)):
+        single = head.modulations(t_emb[j] + c_emb)
+        for group_b, group_s in zip(batched, single):
+            for b, s in zip(group_b, group_s):
+                # one large GEMM vs one per step: the same sums, possibly rounded in another order (float32
+                # rounding of sums of 256 terms: a few 1e-7 of the values' scale)
+                torch.testing.assert_close(b[j], s, rtol=0, atol=1e-6 * float(s.abs().max()))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_hoisted_sampling_loop_is_the_per_step_loop_in_float64(temperature: float) -> None:
+    """In float64 a GEMM's summation order is invisible after the float32 rounding of the head's output, so the
+    hoisted loop (modulations of many steps per call) and the per-step loop must agree bitwise."""
+    head = random_head().double()
+    cond = torch.randn(8, 32, dtype=torch.float64)
+    runs = [
+        sample_tokens(
+            head,
+            cond,
+            HarmonDDPMScheduler(),
+            guidance_scale=3.0,
+            temperature=temperature,
+            generator=torch.Generator().manual_seed(0),
+            hoist_modulations=hoist,
+        )
+        for hoist in (True, False)
+    ]
+    assert torch.equal(runs[0], runs[1])
+
+
+@torch.no_grad()
+def test_hoisting_respects_the_chunk_budget(monkeypatch) -> None:
+    """A tiny chunk budget (one step per chunk) gives what one chunk of all steps gives, at the same GEMM shapes."""
+    import harmon_hf.scheduling_harmon as sched
+
+    head = random_head().double()
+    cond = torch.randn(4, 32, dtype=torch.float64)
+
+    def run() -> torch.Tensor:
+        return sample_tokens(head, cond, HarmonDDPMScheduler(), 20, 2.0, generator=torch.Generator().manual_seed(1))
+
+    whole = run()
+    monkeypatch.setattr(sched, "MODULATION_CHUNK_BYTES", 1)
+    assert torch.equal(run(), whole)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("hoist", [True, False])
+@pytest.mark.parametrize(
+    "noise", ["generator", "generator_list", "injected", "temperature0", "ddim", "dpm_sde"], ids=str
+)
+def test_conditional_only_keeps_the_conditional_rows(noise: str, hoist: bool) -> None:
+    head = random_head()
+    n = 3
+    cond = torch.randn(2 * n, 32)
+    scheduler = HarmonDDPMScheduler()
+    kwargs: dict = dict(guidance_scale=4.0, hoist_modulations=hoist)
+    steps = 100
+    if noise == "ddim":
+        scheduler, steps = scheduler.compatible_scheduler("DDIMScheduler"), 10
+    elif noise == "dpm_sde":
+        scheduler = scheduler.compatible_scheduler("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++")
+        steps = 10
+
+    def make_kwargs() -> dict:
+        out = dict(kwargs)
+        if noise == "generator_list":
+            out["generator"] = [torch.Generator().manual_seed(s) for s in range(n)]
+        elif noise == "injected":
+            out["init_noise"] = torch.randn(n, 16, generator=torch.Generator().manual_seed(5))
+            out["step_noise"] = torch.randn(steps, 2 * n, 16, generator=torch.Generator().manual_seed(6))
+        elif noise == "temperature0":
+            out["generator"] = torch.Generator().manual_seed(2)
+            out["temperature"] = 0.0
+        else:
+            out["generator"] = torch.Generator().manual_seed(3)
+        return out
+
+    full = sample_tokens(head, cond, scheduler, steps, **make_kwargs())
+    fast = sample_tokens(head, cond, scheduler, steps, conditional_only=True, **make_kwargs())
+    assert fast.shape == (n, 16)
+    assert torch.equal(fast, full[:n])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_cached_step_coefficients_keep_step_exact(temperature: float) -> None:
+    scheduler = HarmonDDPMScheduler()
+    scheduler.set_timesteps(100)
+    torch.manual_seed(0)
+    x, out, noise = torch.randn(5, 16), torch.randn(5, 32), torch.randn(5, 16)
+    for t in (999, 989, 10, 0):
+        mean, log_var, pred_x0 = scheduler.p_mean_variance(out, t, x)
+        for _ in range(2):  # the second call uses the cached coefficients
+            prev = scheduler.step(out, t, x, temperature=temperature, variance_noise=noise)
+            expected = mean if temperature == 0 or t == 0 else mean + torch.exp(0.5 * log_var) * noise * temperature
+            assert torch.equal(prev.prev_sample, expected)
+            assert torch.equal(prev.pred_original_sample, pred_x0)
+
+
+def _tiny_model() -> HarmonForConditionalGeneration:
+    torch.manual_seed(0)
+    model = HarmonForConditionalGeneration(HarmonConfig.tiny()).eval()
+    with torch.no_grad():  # the default init zeroes the head's output layers: make every part matter
+        for param in model.model.diffusion_head.parameters():
+            param.normal_(0.0, 0.1)
+    return model
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("guidance_schedule", ["constant", "linear"])
+def test_fast_generation_path_matches_the_full_row_path(guidance_schedule: str) -> None:
+    """Without intermediates `generate_image_tokens` skips the unconditional half's scheduler steps."""
+    model = _tiny_model()
+    ids = torch.randint(0, 400, (4, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+
+    def run(intermediates: bool):
+        return model.generate_image_tokens(
+            ids,
+            mask,
+            (4, 4),
+            num_iter=4,
+            guidance_scale=3.0,
+            guidance_schedule=guidance_schedule,
+            num_diffusion_steps=20,
+            generator=[torch.Generator().manual_seed(s) for s in range(2)],
+            return_intermediates=intermediates,
+        )
+
+    fast = run(False)
+    full, _ = run(True)
+    assert torch.equal(fast, full)
+
+
+@requires_tiny
+@torch.no_grad()
+def test_chunked_pipeline_matches_one_call() -> None:
+    from harmon_hf import HarmonPipeline
+
+    pipe = HarmonPipeline.from_pretrained(fast_pipeline_dir())
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red cube", "a small green cat in a big field", "blue"]
+
+    def run(**kwargs) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed(i) for i in range(6)]
+        return pipe(
+            prompts, num_images_per_prompt=2, num_inference_steps=4, generator=gens, output_type="pt", **kwargs
+        ).images
+
+    one_call = run(max_batch_size=None, vae_batch_size=6)
+    for kwargs in (dict(max_batch_size=4), dict(max_batch_size=1), dict(max_batch_size=None, vae_batch_size=1)):
+        images = run(**kwargs)
+        assert images.shape == one_call.shape == (6, 3, 64, 64)
+        # same images up to float rounding (measured <= 1e-5 on [0, 1] pixels; one grey level is 4e-3)
+        torch.testing.assert_close(images, one_call, atol=2e-4, rtol=0)
+
+
+@requires_tiny
+def test_chunking_rejects_bad_values_and_injected_noise() -> None:
+    from harmon_hf import HarmonPipeline
+
+    pipe = HarmonPipeline.from_pretrained(fast_pipeline_dir())
+    with pytest.raises(ValueError, match="max_batch_size"):
+        pipe("a", max_batch_size=0, num_inference_steps=2)
+    with pytest.raises(ValueError, match="vae_batch_size"):
+        pipe("a", vae_batch_size=0, num_inference_steps=2)
+    with pytest.raises(ValueError, match="injected diffusion noise"):
+        pipe(["a", "b"], max_batch_size=1, num_inference_steps=2, diffusion_init_noise=[torch.zeros(2, 16)] * 2)

@@ -1,0 +1,99 @@
+"""The embedded default model (Harmon-Shapes) and the `harmon-hf eval-shapes` command.
+
+Fast (about 30 s on 2 cores): the shipped weights load offline, draw a picture, answer about it, and the ShapesEval
+command runs on a tiny subset. The full ShapesEval of the model card is `test_shipped_model_meets_targets` (slow).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from harmon_hf import cli
+from harmon_hf.default_model import DEFAULT_MODEL_DIR, default_model_path
+from harmon_hf.shapes.data import PALETTE, ShapesWorld, make_scene
+
+MAX_WEIGHT_BYTES = 25 * 10**6
+
+
+@pytest.fixture(autouse=True)
+def _no_model_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The commands below must find the embedded model by themselves.
+    monkeypatch.delenv("HARMON_MODEL", raising=False)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from harmon_hf.pipeline_harmon import HarmonPipeline
+
+    pipeline = HarmonPipeline.from_pretrained(default_model_path())
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_default_model_is_a_small_pipeline_folder() -> None:
+    folder = default_model_path()
+    assert folder == DEFAULT_MODEL_DIR
+    for name in ("model_index.json", "model/config.json", "model/model.safetensors", "scheduler", "processor"):
+        assert (folder / name).exists(), name
+    weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    assert 0 < weights <= MAX_WEIGHT_BYTES
+    assert not list(folder.rglob("*.bin")), "weights ship as safetensors only"
+
+
+def test_default_model_generates_an_image(pipe) -> None:
+    image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
+    size = pipe.model.config.image_size
+    assert image.size == (size, size)
+    pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)  # (H*W, 3)
+    assert pixels.std() > 5, "a blank picture"
+
+
+def test_default_model_answers_about_an_image(pipe) -> None:
+    from harmon_hf.shapes.run_eval import make_answer_fn
+
+    scene = make_scene(0, "test", 1234, "single")
+    answer = make_answer_fn(pipe.model, pipe.processor)(scene.render(ShapesWorld()), "What color is the shape?")
+    assert answer.strip().lower() in PALETTE, answer
+
+
+def test_cli_generate_then_caption_without_model_argument(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "red_circle.png"
+    assert cli.main(["generate", "a red circle", "-o", str(out), "--seed", "0", "--quiet"]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    assert cli.main(["caption", str(out)]) == 0
+    caption = capsys.readouterr().out.strip()
+    assert caption, "empty caption"
+
+
+def test_cli_eval_shapes_on_a_tiny_subset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report = tmp_path / "eval.json"
+    argv = ["eval-shapes", "--n", "1", "--json", str(report), "--steps", "4", "--batch-size", "3"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "generation" in printed and "understanding" in printed
+    results = json.loads(report.read_text())
+    assert set(results["generation"]) == {"single", "pair", "count", "overall"}
+    assert results["generation"]["overall"]["n"] == 3
+    assert results["understanding"]["overall"]["n"] >= 3
+    assert results["config"]["model"] == str(default_model_path())
+    assert len(results["items"]["generation"]) == 3
+
+
+def test_cli_eval_shapes_rejects_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["eval-shapes", "--model", str(tmp_path / "nowhere"), "--n", "1"]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_shipped_model_meets_targets() -> None:
+    """The model card's ShapesEval (50 held-out scenes per kind; several minutes on 2 cores)."""
+    from harmon_hf.shapes.run_eval import evaluate_model
+
+    results = evaluate_model(default_model_path(), n=50, verbose=False)
+    failed = {k: v["value"] for k, v in results["targets"].items() if not v["passed"]}
+    assert not failed, failed
