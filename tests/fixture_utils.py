@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -20,17 +20,17 @@ FIXTURE_DIR = Path(
 requires_fixture = pytest.mark.skipif(not FIXTURE_DIR.is_dir(), reason=f"upstream fixture not found at {FIXTURE_DIR}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def manifest() -> dict:
     return json.loads((FIXTURE_DIR / "manifest.json").read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def fixture_json() -> dict:
     return json.loads((FIXTURE_DIR / "fixtures.json").read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_tensors(filename: str) -> dict[str, torch.Tensor]:
     return load_file(str(FIXTURE_DIR / filename))
 

@@ -225,6 +225,22 @@ def test_checkpoint_without_lm_head_converts(tmp_path: Path) -> None:
         assert_fixture_close(model(input_ids=und["input_ids"], pixel_values=und["pixel_values"]).logits, UND, "logits")
 
 
+def test_export_back_to_upstream_restores_the_checkpoints(cli_output) -> None:
+    """`upstream_state_dict` (used by benchmarks/bench_convert.py to fabricate checkpoints) inverts the conversion."""
+    from harmon_hf.convert import upstream_state_dict
+    from harmon_hf.convert_vae import load_upstream_vae
+
+    out, _ = cli_output
+    model = HarmonForConditionalGeneration.from_pretrained(out, subfolder="model")
+    harmon, vae = upstream_state_dict(model.state_dict())
+    original = {k: v for k, v in upstream_state().items() if not k.startswith("mar.class_emb.")}
+    assert harmon.keys() == original.keys()
+    assert all(torch.equal(harmon[k], original[k]) for k in original)
+    original_vae = load_upstream_vae(VAE)
+    assert vae.keys() == original_vae.keys()
+    assert all(torch.equal(vae[k], original_vae[k]) for k in original_vae)
+
+
 def test_untied_lm_head_is_kept(tmp_path: Path) -> None:
     state = upstream_state()
     state["llm.lm_head.weight"] = state["llm.model.embed_tokens.weight"].clone() * 0.5

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -16,45 +14,11 @@ from harmon_hf.convert_vae import (
     convert_vae_state_dict,
     infer_vae_config,
     load_upstream_vae,
+    upstream_vae_state_dict,
 )
 
 KL16 = FIXTURE_DIR / "kl16.ckpt"
 VAE_FILE = "vae.safetensors"
-
-
-# --- an independent inverse map (diffusers -> upstream), to fabricate upstream-style checkpoints ---------------------
-
-_INV_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def to_upstream(diffusers_sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """Rename an `AutoencoderKL` state dict to the upstream kl16 names (attention linears back to 1x1 convs)."""
-    out = {}
-    for key, value in diffusers_sd.items():
-        new = key.replace("conv_norm_out", "norm_out")
-        new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
-        new = re.sub(r"encoder\.down_blocks\.(\d+)\.attentions\.", r"encoder.down.\1.attn.", new)
-        new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
-        new = re.sub(
-            r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.block.", new
-        )
-        new = re.sub(
-            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-            lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.",
-            new,
-        )
-        new = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
-        new = new.replace("mid_block.attentions.0.", "mid.attn_1.")
-        new = new.replace("conv_shortcut", "nin_shortcut")
-        if ".attn." in new or ".attn_1." in new:
-            prefix, leaf, param = re.match(
-                r"(.*\.attn(?:_1)?\.\d*\.?)(group_norm|to_[qkv]|to_out\.0)\.(\w+)$", new
-            ).groups()
-            new = f"{prefix}{_INV_ATTN[leaf]}.{param}"
-            if leaf != "group_norm" and param == "weight":
-                value = value.reshape(*value.shape, 1, 1)
-        out[new] = value
-    return out
 
 
 def meta_autoencoder(config: HarmonVAEConfig | None = None, **kwargs) -> AutoencoderKL:
@@ -110,8 +74,8 @@ def test_every_key_is_converted(upstream):
         converted["encoder.down_blocks.4.attentions.1.to_out.0.weight"],
         upstream["encoder.down.4.attn.1.proj_out.weight"][:, :, 0, 0],
     )
-    # Round trip through the independent inverse map restores the checkpoint exactly.
-    back = to_upstream(converted, num_levels=5)
+    # The inverse map restores the checkpoint exactly.
+    back = upstream_vae_state_dict(converted)
     assert back.keys() == upstream.keys()
     assert all(torch.equal(back[k], upstream[k]) for k in upstream)
 
@@ -155,7 +119,7 @@ def test_non_square_input(vae):
 def test_full_size_kl16_layout_is_inferred():
     default = HarmonVAEConfig()
     reference = meta_autoencoder(default).state_dict()
-    upstream_like = to_upstream(reference, num_levels=5)
+    upstream_like = upstream_vae_state_dict(reference)
     assert "encoder.down.4.attn.1.q.weight" in upstream_like
     assert upstream_like["encoder.down.4.attn.1.q.weight"].shape == (512, 512, 1, 1)
     inferred = infer_vae_config(upstream_like)
@@ -214,7 +178,7 @@ def test_not_a_vae_checkpoint(tmp_path):
 
 
 def test_bare_state_dict_is_accepted(tmp_path):
-    state = to_upstream(AutoencoderKL(block_out_channels=[32, 32], layers_per_block=1).state_dict(), num_levels=2)
+    state = upstream_vae_state_dict(AutoencoderKL(block_out_channels=[32, 32], layers_per_block=1).state_dict())
     path = tmp_path / "bare.pt"
     torch.save(state, path)
     assert load_upstream_vae(path).keys() == state.keys()
@@ -255,7 +219,7 @@ def test_widths_that_32_groups_cannot_split_are_rejected():
         latent_channels=16,
     ).state_dict()
     with pytest.raises(CheckpointError, match=r"widths \[48, 96\] are not all multiples of 32"):
-        infer_vae_config(to_upstream(reference, num_levels=2))
+        infer_vae_config(upstream_vae_state_dict(reference))
 
 
 def test_inconsistent_shapes_are_rejected(upstream):

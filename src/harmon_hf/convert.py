@@ -89,6 +89,41 @@ def convert_state_dict(upstream: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+# Our key prefix -> upstream's (the inverse of KEY_MAPPING, for export and for fabricating upstream checkpoints).
+INVERSE_KEY_MAPPING: list[tuple[str, str]] = [
+    (r"^model\.language_model\.", "llm.model."),
+    (r"^lm_head\.", "llm.lm_head."),
+    (r"^model\.diffusion_head\.", "mar.diffloss.net."),
+    (r"^model\.mar\.", "mar."),
+    (r"^model\.proj_in\.", "proj_in."),
+    (r"^model\.proj_out\.", "proj_out."),
+]
+
+
+def upstream_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a `HarmonForConditionalGeneration` state dict into upstream checkpoints: `(harmon, vae)` with the
+    `harmon_*.pth` keys (tied `lm_head` written out as upstream saves it) and the kl16 ones. Tensors are not copied
+    (attention weights of the VAE become 1x1-conv views). MAR's unused `class_emb` is not recreated."""
+    from .convert_vae import upstream_vae_state_dict
+
+    harmon, vae, unknown = {}, {}, []
+    for key, value in state.items():
+        if key.startswith("model.vae."):
+            vae[key.removeprefix("model.vae.")] = value
+            continue
+        for pattern, repl in INVERSE_KEY_MAPPING:
+            if re.match(pattern, key):
+                harmon[re.sub(pattern, repl, key)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"keys with no upstream name: {', '.join(sorted(unknown)[:10])}")
+    if "llm.lm_head.weight" not in harmon:
+        harmon["llm.lm_head.weight"] = harmon["llm.model.embed_tokens.weight"]
+    return harmon, upstream_vae_state_dict(vae)
+
+
 def _count_blocks(keys, prefix: str) -> int:
     pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
     return len({int(m.group(1)) for k in keys if (m := pattern.match(k))})

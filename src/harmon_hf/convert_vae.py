@@ -8,7 +8,8 @@ names, so conversion is a key rename plus one reshape: the single-head attention
 We do not use diffusers' `convert_ldm_vae_checkpoint`: it ignores the attention blocks inside the encoder's last
 down level, which kl16 has.
 
-Public API: `load_upstream_vae`, `infer_vae_config`, `convert_vae_state_dict`, `build_vae`, `CheckpointError`.
+Public API: `load_upstream_vae`, `infer_vae_config`, `convert_vae_state_dict`, `build_vae`, `CheckpointError`, and
+the inverse `upstream_vae_state_dict` (diffusers keys back to kl16 ones: export, round-trip tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "convert_vae_state_dict",
     "infer_vae_config",
     "load_upstream_vae",
+    "upstream_vae_state_dict",
 ]
 
 # GroupNorm group count of the LDM autoencoder; the weights do not record it.
@@ -320,6 +322,79 @@ def convert_vae_state_dict(upstream_state_dict: Mapping[str, torch.Tensor]) -> d
     if unmapped:
         raise CheckpointError(f"{len(unmapped)} VAE checkpoint keys have no diffusers name: {_list_keys(unmapped)}")
     return converted
+
+
+_INV_RESNET_PARAMS = {v: k for k, v in _RESNET_PARAMS.items()}
+_INV_ATTN_PARAMS = {v: k for k, v in _ATTN_PARAMS.items()}
+_RE_INV_RESNET = r"(?P<leaf>norm1|conv1|norm2|conv2|conv_shortcut)\.(?P<param>weight|bias)"
+_RE_INV_ATTN = r"(?P<leaf>group_norm|to_q|to_k|to_v|to_out\.0)\.(?P<param>weight|bias)"
+_INVERSE_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), template)
+    for pattern, template in (
+        (
+            rf"^encoder\.down_blocks\.(?P<level>\d+)\.resnets\.(?P<idx>\d+)\.{_RE_INV_RESNET}$",
+            "encoder.down.{level}.block.{idx}",
+        ),
+        (
+            rf"^encoder\.down_blocks\.(?P<level>\d+)\.attentions\.(?P<idx>\d+)\.{_RE_INV_ATTN}$",
+            "encoder.down.{level}.attn.{idx}",
+        ),
+        (
+            rf"^encoder\.down_blocks\.(?P<level>\d+)\.downsamplers\.0\.conv\.{_PARAM}$",
+            "encoder.down.{level}.downsample.conv",
+        ),
+        (
+            rf"^decoder\.up_blocks\.(?P<level>\d+)\.resnets\.(?P<idx>\d+)\.{_RE_INV_RESNET}$",
+            "decoder.up.{up}.block.{idx}",
+        ),
+        (rf"^decoder\.up_blocks\.(?P<level>\d+)\.upsamplers\.0\.conv\.{_PARAM}$", "decoder.up.{up}.upsample.conv"),
+        (
+            rf"^(?P<part>encoder|decoder)\.mid_block\.resnets\.(?P<idx>[01])\.{_RE_INV_RESNET}$",
+            "{part}.mid.block_{mid}",
+        ),
+        (rf"^(?P<part>encoder|decoder)\.mid_block\.attentions\.0\.{_RE_INV_ATTN}$", "{part}.mid.attn_1"),
+        (rf"^(?P<part>encoder|decoder)\.conv_norm_out\.{_PARAM}$", "{part}.norm_out"),
+    )
+)
+
+
+def upstream_vae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `convert_vae_state_dict`: an `AutoencoderKL` state dict with kl16 (LDM) key names, attention
+    weights `(C, C)` back to 1x1 convolutions `(C, C, 1, 1)` (views). Raises `CheckpointError` on unknown keys."""
+    num_levels = len(_indices(state_dict, r"^decoder\.up_blocks\.(\d+)\."))
+    out: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    for key, value in state_dict.items():
+        if _RE_PLAIN.match(key):
+            out[key] = value
+            continue
+        for pattern, template in _INVERSE_RULES:
+            if m := pattern.match(key):
+                groups = m.groupdict()
+                level = int(groups.get("level") or 0)
+                prefix = template.format(
+                    level=level,
+                    up=num_levels - 1 - level,
+                    idx=groups.get("idx"),
+                    mid=int(groups.get("idx") or 0) + 1,
+                    part=groups.get("part"),
+                )
+                leaf = groups.get("leaf")
+                if leaf is None:
+                    out[f"{prefix}.{m['param']}"] = value
+                elif leaf in _INV_ATTN_PARAMS:
+                    name = _INV_ATTN_PARAMS[leaf]
+                    if name in _ATTN_LINEAR and m["param"] == "weight":
+                        value = value.reshape(*value.shape, 1, 1)
+                    out[f"{prefix}.{name}.{m['param']}"] = value
+                else:
+                    out[f"{prefix}.{_INV_RESNET_PARAMS[leaf]}.{m['param']}"] = value
+                break
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise CheckpointError(f"{len(unmapped)} AutoencoderKL keys have no kl16 name: {_list_keys(unmapped)}")
+    return out
 
 
 def _check_state_dict(config: HarmonVAEConfig, state_dict: Mapping[str, torch.Tensor]) -> None:
