@@ -636,3 +636,37 @@ def test_wrong_image_counts_raise(model: HarmonForConditionalGeneration, process
 def _drop_one_placeholder(ids: torch.Tensor, model: HarmonForConditionalGeneration) -> torch.Tensor:
     first = int((ids[0] == model.config.image_token_id).nonzero()[0])
     return torch.cat([ids[:, :first], ids[:, first + 1 :]], dim=1)
+
+
+def test_fresh_model_uses_upstream_initialisation() -> None:
+    """From scratch (no weights loaded): MAR and head linears Xavier-uniform, the head's timestep MLP N(0, 0.02),
+    adaLN-zero (head blocks start as identities, output zero), MAR tables N(0, initializer_range); loading a
+    checkpoint never re-initialises anything."""
+    from harmon_hf import HarmonConfig
+
+    torch.manual_seed(0)
+    model = HarmonForConditionalGeneration(HarmonConfig.tiny()).requires_grad_(False)
+    mar, head = model.model.mar, model.model.diffusion_head
+    qkv = mar.encoder_blocks[0].attn.qkv
+    fan_in, fan_out = qkv.weight.shape[1], qkv.weight.shape[0]
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    assert qkv.weight.abs().max() <= bound and qkv.weight.std() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    assert torch.count_nonzero(qkv.bias) == 0
+    mlp = head.res_blocks[0].mlp[0]
+    assert mlp.weight.std() == pytest.approx(math.sqrt(2.0 / sum(mlp.weight.shape)), rel=0.1)
+    assert head.time_embed.mlp[0].weight.std() == pytest.approx(0.02, rel=0.1)
+    for layer in [block.adaLN_modulation[-1] for block in head.res_blocks] + [
+        head.final_layer.adaLN_modulation[-1],
+        head.final_layer.linear,
+    ]:
+        assert torch.count_nonzero(layer.weight) == 0 and torch.count_nonzero(layer.bias) == 0
+    with torch.no_grad():  # adaLN-zero: the untrained head predicts zeros
+        out = head(
+            torch.randn(3, head.config.in_channels), torch.tensor([1, 500, 999]), torch.randn(3, head.config.cond_channels)
+        )
+    assert torch.count_nonzero(out) == 0
+    std = model.config.mar_config.initializer_range
+    assert mar.decoder_pos_embed_learned.std() == pytest.approx(std, rel=0.2)
+    # the LLM keeps transformers' N(0, initializer_range) init
+    up = model.model.language_model.layers[0].mlp.up_proj.weight
+    assert up.std() == pytest.approx(model.config.text_config.initializer_range, rel=0.1)

@@ -82,7 +82,15 @@ class HarmonPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        std = self.config.mar_config.initializer_range
+        kind = self._upstream_init_kinds().get(id(module)) if isinstance(module, nn.Linear) else None
+        if kind == "xavier":
+            init.xavier_uniform_(module.weight)
+        elif kind == "normal":
+            init.normal_(module.weight, std=0.02)
+        elif kind == "zeros":
+            init.zeros_(module.weight)
+        if kind is not None and module.bias is not None:
+            init.zeros_(module.bias)
         if isinstance(module, HarmonMAR):
             for param in (
                 module.fake_latent,
@@ -91,16 +99,27 @@ class HarmonPreTrainedModel(PreTrainedModel):
                 module.decoder_pos_embed_learned,
                 module.diffusion_pos_embed_learned,
             ):
-                init.normal_(param, std=std)
-        elif isinstance(module, HarmonDiffusionHead):
-            # adaLN-zero: the blocks start as identities and the output as zeros (as the MAR recipe does).
-            for block in module.res_blocks:
-                init.zeros_(block.adaLN_modulation[-1].weight)
-                init.zeros_(block.adaLN_modulation[-1].bias)
-            init.zeros_(module.final_layer.adaLN_modulation[-1].weight)
-            init.zeros_(module.final_layer.adaLN_modulation[-1].bias)
-            init.zeros_(module.final_layer.linear.weight)
-            init.zeros_(module.final_layer.linear.bias)
+                init.normal_(param, std=self.config.mar_config.initializer_range)
+
+    def _upstream_init_kinds(self) -> dict[int, str]:
+        """`id(linear) -> kind` for the linear layers that upstream MAR initialises its own way (what matters when
+        training from scratch; loaded weights are never touched): Xavier-uniform weights and zero biases in the MAR
+        and the diffusion head, N(0, 0.02) in the head's timestep MLP, and adaLN-zero (the head's blocks start as
+        identities and its output as zeros).
+
+        (Keyed on the linear layers themselves: transformers skips `_init_weights` on modules without parameters of
+        their own, such as the head and its blocks.)
+        """
+        kinds: dict[int, str] = {}
+        for part in self.modules():
+            if isinstance(part, (HarmonMAR, HarmonDiffusionHead)):
+                kinds.update((id(sub), "xavier") for sub in part.modules() if isinstance(sub, nn.Linear))
+            if isinstance(part, HarmonDiffusionHead):
+                kinds.update((id(sub), "normal") for sub in part.time_embed.mlp if isinstance(sub, nn.Linear))
+                zero = [block.adaLN_modulation[-1] for block in part.res_blocks]
+                zero += [part.final_layer.adaLN_modulation[-1], part.final_layer.linear]
+                kinds.update((id(sub), "zeros") for sub in zero)
+        return kinds
 
 
 class HarmonModel(HarmonPreTrainedModel):
