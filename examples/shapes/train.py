@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce Harmon-Shapes, the embedded default model, from scratch on CPU (issue #7).
 
-    python examples/shapes/train.py --out out/harmon-shapes                 # about 50 minutes on 2 cores
+    python examples/shapes/train.py --out out/harmon-shapes                 # about 2 hours on 2 cores (see the model card)
     python examples/shapes/train.py --out out/harmon-shapes --ship          # ... and install it as the default model
     python examples/shapes/train.py --out /tmp/hs-smoke --smoke             # every step in about 2 minutes
 
@@ -9,7 +9,7 @@ The steps (each skipped when its output already exists in OUT, so an interrupted
 
 1. `OUT/data`: the Harmon-Shapes train/test splits and the ~500-token tokenizer (`harmon_hf.shapes.data`,
    `harmon_hf.shapes.tokenizer`; seconds).
-2. `OUT/vae`: the kl16-layout autoencoder (`harmon_hf.shapes.vae.train_vae`; about 10 minutes).
+2. `OUT/vae`: the kl16-layout autoencoder (`harmon_hf.shapes.vae.train_vae`; 10-25 minutes).
 3. `OUT/stage0`: a randomly initialised Harmon of the architecture in `examples/shapes/configs/model.yaml`
    (a small Qwen2 LLM from scratch, a small MAR and diffusion head) with the trained VAE inside, and its processor.
 4. `OUT/stage1`, `OUT/stage2`, `OUT/stage3`: the three Harmon training stages, each run by `examples/train.py`

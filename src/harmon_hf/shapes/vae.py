@@ -80,7 +80,7 @@ class VAETrainingConfig:
         l1_weight, mse_weight, kl_weight: loss weights; the KL term is the posterior KL summed over the latent and
             divided by the number of pixel values (so that it is on the scale of the mean reconstruction errors).
         time_limit_minutes: safety net: stop early when training reaches this wall time (None: no limit); the
-            default 1500 steps take about 10.5 min on 2 CPU cores, so a normal run is decided by `steps` alone.
+            default 1500 steps took 10.5-28 min on the 2-core machines measured, so set None to let `steps` alone decide.
         seed: weights / sampling seed.
         data_split, data_seed: where the training pictures come from (`data.make_scene`); "all" covers every
             colour/shape combination (the autoencoder reads no text, so nothing is held out from it).
