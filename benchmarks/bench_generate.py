@@ -160,6 +160,7 @@ def run_case(case: dict) -> dict:
     guidance = case["guidance"]
     vocab = config.text_config.vocab_size
 
+    @torch.no_grad()  # as HarmonPipeline.__call__ (without it the VAE decode builds an autograd graph)
     def generate(batch: int, seed: int, num_iter: int = rounds) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
         rows = 2 * batch if guidance != 1.0 else batch

@@ -392,3 +392,18 @@ def test_ddpm_sampler_matches_gaussian_moments() -> None:
     assert (x.std(0) - s).abs().max() < 0.03  # standard error 0.0047
     cold = sample_tokens(head, mu, scheduler, temperature=0.5, generator=torch.Generator().manual_seed(0))
     assert cold.std(0).max() < x.std(0).min()
+
+
+def test_fast_scheduler_keeps_the_x0_clipping() -> None:
+    """A folder that clips x_0 (the shipped model: range 5) must clip under DDIM too: with a head whose eps is far off
+    (x_0 predictions of about +-40), the unclipped DDIM lands far outside the range, the clipped one inside it."""
+    harmon = HarmonDDPMScheduler(clip_sample=True, clip_sample_range=5.0)
+    head = GaussianHead(harmon.train_tables.alphas_cumprod, s=0.3)
+    mu = torch.full((64, 16), 40.0)  # the data mean the head believes in
+    z = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    ddim = harmon.compatible_scheduler("DDIMScheduler")
+    assert ddim.config.clip_sample and ddim.config.clip_sample_range == 5.0
+    clipped = sample_tokens(head, mu, ddim, 20, init_noise=z)
+    unclipped = sample_tokens(head, mu, harmon.compatible_scheduler("DDIMScheduler", clip_sample=False), 20, init_noise=z)
+    assert clipped.abs().max() <= 5.0 + 1e-4
+    assert unclipped.abs().max() > 30.0

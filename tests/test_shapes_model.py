@@ -84,6 +84,17 @@ def test_cli_eval_shapes_on_a_tiny_subset(tmp_path: Path, capsys: pytest.Capture
     assert len(results["items"]["generation"]) == 3
 
 
+def test_eval_shapes_fast_head_sampler(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The fast mode of the model card: DPM-Solver on the head with few steps, recorded in the result."""
+    report = tmp_path / "eval.json"
+    argv = ["eval-shapes", "--n", "1", "--json", str(report), "--tasks", "generation", "--kinds", "single"]
+    assert cli.main([*argv, "--steps", "2", "--sampler", "dpm", "--diffusion-steps", "5"]) == 0
+    sampling = json.loads(report.read_text())["config"]["sampling"]
+    assert sampling["sampler"] == "dpm" and sampling["diffusion_steps"] == 5
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        cli.main([*argv, "--sampler", "euler"])
+
+
 def test_cli_eval_shapes_rejects_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["eval-shapes", "--model", str(tmp_path / "nowhere"), "--n", "1"]) == 1
     assert "not found" in capsys.readouterr().err

@@ -554,7 +554,9 @@ class HarmonDDPMScheduler(DDPMScheduler):
     # ----- faster samplers --------------------------------------------------------------------------------------
     def compatible_scheduler(self, scheduler_class: type | str, **kwargs) -> SchedulerMixin:
         """A DDIM / DPM-Solver (any class in `_compatibles`) on the same training schedule, set up to be fed the eps
-        half of the head's output (`variance_type=None`, no clipping / thresholding). `kwargs` override the rest.
+        half of the head's output (`variance_type=None`, no thresholding; this scheduler's x_0 clipping is carried
+        over where the class has `clip_sample`, i.e. DDIM; DPM-Solver has no plain clipping). `kwargs` override the
+        rest.
 
         (`DPMSolverMultistepScheduler.from_config(self.config)` would inherit `variance_type="learned_range"`, for
         which it keeps `model_output[:, :3]`: wrong for 16-channel tokens.)
@@ -578,7 +580,8 @@ class HarmonDDPMScheduler(DDPMScheduler):
             steps_offset=cfg.steps_offset,
             rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
             variance_type=None,
-            clip_sample=False,
+            clip_sample=cfg.clip_sample,
+            clip_sample_range=cfg.clip_sample_range,
             thresholding=False,
         )
         params = inspect.signature(cls.__init__).parameters

@@ -51,6 +51,20 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = tor
     return pipe, pipe.model, pipe.processor
 
 
+HEAD_SAMPLERS = ("default", "ddim", "dpm")
+
+
+def head_scheduler(pipe, sampler: str = "default"):
+    """The diffusion head's scheduler for `sampler`: "default" = the folder's own (`HarmonDDPMScheduler`, 100 steps),
+    "ddim" / "dpm" = DDIM / DPM-Solver++ on the same noise schedule (`compatible_scheduler`), the fast modes."""
+    if sampler not in HEAD_SAMPLERS:
+        raise ValueError(f"head sampler must be one of {HEAD_SAMPLERS}, got {sampler!r}")
+    if sampler == "default":
+        return pipe.scheduler
+    name = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}[sampler]
+    return pipe.scheduler.compatible_scheduler(name)
+
+
 def make_generate_fn(
     pipe,
     num_inference_steps: int = 64,
@@ -58,12 +72,23 @@ def make_generate_fn(
     guidance_schedule: str = "constant",
     temperature: float = 1.0,
     size: int | None = None,
+    sampler: str = "default",
+    diffusion_steps: int | None = None,
 ):
     """`(prompts, seed) -> images` for `shapes.eval.evaluate`: image i of a batch takes its whole randomness from
     `torch.Generator().manual_seed(seed * 1000 + i)`. `num_inference_steps` is capped at the number of image
-    tokens here (the pipeline would cap it too, with a warning per call)."""
+    tokens here (the pipeline would cap it too, with a warning per call). `sampler` / `diffusion_steps` choose the
+    diffusion head's scheduler and its steps per round (see `head_scheduler`; None = the scheduler's default)."""
     side = (size or pipe.default_sample_size) // pipe.model.config.image_stride
     num_inference_steps = min(num_inference_steps, side * side)
+    if sampler != "default":  # the same model and processor with the other head scheduler (nothing copied)
+        pipe = type(pipe)(
+            model=pipe.model,
+            scheduler=head_scheduler(pipe, sampler),
+            processor=pipe.processor,
+            default_image_size=pipe.config.default_image_size,
+        )
+        pipe.set_progress_bar_config(disable=True)
 
     def generate(prompts: list[str], seed: int) -> list[Image.Image]:
         generators = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(prompts))]
@@ -76,6 +101,7 @@ def make_generate_fn(
             guidance_schedule=guidance_schedule,
             temperature=temperature,
             generator=generators,
+            num_diffusion_steps=diffusion_steps,
         ).images
 
     return generate
@@ -113,6 +139,8 @@ def evaluate_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     verbose: bool = True,
+    sampler: str = "default",
+    diffusion_steps: int | None = None,
 ) -> dict[str, Any]:
     """ShapesEval of the model in `folder` on `n` held-out scenes per kind (see `shapes.eval.evaluate` for the
     result layout); the sampling settings and the folder are added under `results["config"]`."""
@@ -125,7 +153,9 @@ def evaluate_model(
     # The world's pictures are drawn at the resolution the model was trained for.
     size = int(model.config.image_size)
     generate_fn = (
-        make_generate_fn(pipe, num_inference_steps, guidance_scale, guidance_schedule, temperature, size)
+        make_generate_fn(
+            pipe, num_inference_steps, guidance_scale, guidance_schedule, temperature, size, sampler, diffusion_steps
+        )
         if "generation" in tasks
         else None
     )
@@ -149,6 +179,8 @@ def evaluate_model(
             guidance_schedule=guidance_schedule,
             temperature=temperature,
             size=size,
+            sampler=sampler,
+            diffusion_steps=diffusion_steps,
         ),
     )
     if out_json is not None:
@@ -177,6 +209,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     parser.add_argument("--guidance-schedule", default="constant", choices=["constant", "linear"])
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--sampler",
+        default="default",
+        choices=list(HEAD_SAMPLERS),
+        help="diffusion-head scheduler: the folder's (default; upstream's 100-step DDPM) or a faster DDIM / DPM-Solver",
+    )
+    parser.add_argument(
+        "--diffusion-steps", type=int, default=None, help="head steps per MAR round (default: the scheduler's)"
+    )
 
 
 def run(args: argparse.Namespace, folder: str | Path) -> int:
@@ -197,6 +238,8 @@ def run(args: argparse.Namespace, folder: str | Path) -> int:
         guidance_scale=args.guidance,
         guidance_schedule=args.guidance_schedule,
         temperature=args.temperature,
+        sampler=args.sampler,
+        diffusion_steps=args.diffusion_steps,
         device=device,
         dtype=getattr(torch, args.dtype),
     )
