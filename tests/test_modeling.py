@@ -662,7 +662,9 @@ def test_fresh_model_uses_upstream_initialisation() -> None:
         assert torch.count_nonzero(layer.weight) == 0 and torch.count_nonzero(layer.bias) == 0
     with torch.no_grad():  # adaLN-zero: the untrained head predicts zeros
         out = head(
-            torch.randn(3, head.config.in_channels), torch.tensor([1, 500, 999]), torch.randn(3, head.config.cond_channels)
+            torch.randn(3, head.config.in_channels),
+            torch.tensor([1, 500, 999]),
+            torch.randn(3, head.config.cond_channels),
         )
     assert torch.count_nonzero(out) == 0
     std = model.config.mar_config.initializer_range

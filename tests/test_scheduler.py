@@ -404,6 +404,8 @@ def test_fast_scheduler_keeps_the_x0_clipping() -> None:
     ddim = harmon.compatible_scheduler("DDIMScheduler")
     assert ddim.config.clip_sample and ddim.config.clip_sample_range == 5.0
     clipped = sample_tokens(head, mu, ddim, 20, init_noise=z)
-    unclipped = sample_tokens(head, mu, harmon.compatible_scheduler("DDIMScheduler", clip_sample=False), 20, init_noise=z)
+    unclipped = sample_tokens(
+        head, mu, harmon.compatible_scheduler("DDIMScheduler", clip_sample=False), 20, init_noise=z
+    )
     assert clipped.abs().max() <= 5.0 + 1e-4
     assert unclipped.abs().max() > 30.0

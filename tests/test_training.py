@@ -609,7 +609,9 @@ def test_train_script_yaml_overrides_and_saved_folder(tmp_path):
     assert processor.image_size == 64 and processor.buffer_size == 8
     # the saved folder is also a HarmonPipeline
     pipe = HarmonPipeline.from_pretrained(out)
-    image = pipe("a red circle", num_inference_steps=2, num_diffusion_steps=5, generator=torch.Generator().manual_seed(0))
+    image = pipe(
+        "a red circle", num_inference_steps=2, num_diffusion_steps=5, generator=torch.Generator().manual_seed(0)
+    )
     assert image.images[0].size == (64, 64)
     for name, param in trainer.model.state_dict().items():
         torch.testing.assert_close(pipe.model.state_dict()[name], param, msg=name)
