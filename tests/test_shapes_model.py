@@ -122,3 +122,42 @@ def test_shipped_model_card_numbers_hold() -> None:
             assert measured == pytest.approx(entry["accuracy"], abs=0.05), (task, key, measured, entry["accuracy"])
     for name, target in recorded["targets"].items():
         assert results["targets"][name]["threshold"] == target["threshold"]
+
+
+def _context_probe():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "shapes" / "context_probe.py"
+    spec = importlib.util.spec_from_file_location("context_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_context_probe_ridge_baseline_and_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """examples/shapes/context_probe.py: the ridge baseline separates redundant tokens (pictures with 5 degrees of
+    freedom: the other tokens determine each one) from independent ones, and the MAR probe runs on the shipped
+    model, with clear errors for a file that is not a latent cache."""
+    from safetensors.torch import save_file
+
+    probe = _context_probe()
+    gen = torch.Generator().manual_seed(0)
+    redundant = (torch.randn(400, 5, generator=gen) @ torch.randn(5, 16 * 16, generator=gen)).reshape(400, 16, 16)
+    independent = torch.randn(400, 16, 16, generator=gen)
+    mean_mse, context_mse = probe.ridge_context_mse(redundant[:300], redundant[300:])
+    assert context_mse < 0.01 * mean_mse
+    mean_mse, context_mse = probe.ridge_context_mse(independent[:300], independent[300:])
+    assert context_mse > 0.9 * mean_mse
+
+    cache = tmp_path / "latents_64px.safetensors"
+    tokens = torch.cat([redundant, redundant[:10]]).reshape(-1, 4, 4, 16)  # duplicates are dropped before the split
+    save_file({"tokens": tokens.contiguous(), "valid": torch.ones(len(tokens), dtype=torch.uint8)}, str(cache))
+    assert probe.load_tokens(cache).shape == (400, 16, 16)
+    argv = ["--model", str(default_model_path()), "--latents", str(cache), "--steps", "2", "--eval-every", "1"]
+    results = probe.main(argv)
+    assert sorted(results) == [0, 8, 15] and all(torch.isfinite(torch.tensor(v)) for v in results.values())
+    assert "step 2: held-out MSE" in capsys.readouterr().out
+
+    save_file({"other": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="not a latent cache"):
+        probe.load_tokens(tmp_path / "bad.safetensors")
