@@ -82,7 +82,7 @@ class HarmonPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        kind = self._upstream_init_kinds().get(id(module)) if isinstance(module, nn.Linear) else None
+        kind = getattr(module, "_upstream_init", None)  # set by `_tag_upstream_init` when the model is built
         if kind == "xavier":
             init.xavier_uniform_(module.weight)
         elif kind == "normal":
@@ -101,25 +101,27 @@ class HarmonPreTrainedModel(PreTrainedModel):
             ):
                 init.normal_(param, std=self.config.mar_config.initializer_range)
 
-    def _upstream_init_kinds(self) -> dict[int, str]:
-        """`id(linear) -> kind` for the linear layers that upstream MAR initialises its own way (what matters when
-        training from scratch; loaded weights are never touched): Xavier-uniform weights and zero biases in the MAR
-        and the diffusion head, N(0, 0.02) in the head's timestep MLP, and adaLN-zero (the head's blocks start as
-        identities and its output as zeros).
 
-        (Keyed on the linear layers themselves: transformers skips `_init_weights` on modules without parameters of
-        their own, such as the head and its blocks.)
-        """
-        kinds: dict[int, str] = {}
-        for part in self.modules():
-            if isinstance(part, (HarmonMAR, HarmonDiffusionHead)):
-                kinds.update((id(sub), "xavier") for sub in part.modules() if isinstance(sub, nn.Linear))
-            if isinstance(part, HarmonDiffusionHead):
-                kinds.update((id(sub), "normal") for sub in part.time_embed.mlp if isinstance(sub, nn.Linear))
-                zero = [block.adaLN_modulation[-1] for block in part.res_blocks]
-                zero += [part.final_layer.adaLN_modulation[-1], part.final_layer.linear]
-                kinds.update((id(sub), "zeros") for sub in zero)
-        return kinds
+def _tag_upstream_init(mar: HarmonMAR, head: HarmonDiffusionHead) -> None:
+    """Mark the linear layers that upstream MAR initialises its own way (what matters when training from scratch;
+    loaded weights are never touched): Xavier-uniform weights and zero biases in the MAR and the diffusion head,
+    N(0, 0.02) in the head's timestep MLP, and adaLN-zero (the head's blocks start as identities and its output as
+    zeros). `HarmonPreTrainedModel._init_weights` reads the mark.
+
+    (On the linear layers themselves, once: transformers skips `_init_weights` on modules without parameters of
+    their own, such as the head and its blocks.)
+    """
+    for part in (mar, head):
+        for sub in part.modules():
+            if isinstance(sub, nn.Linear):
+                sub._upstream_init = "xavier"
+    for sub in head.time_embed.mlp:
+        if isinstance(sub, nn.Linear):
+            sub._upstream_init = "normal"
+    for sub in [block.adaLN_modulation[-1] for block in head.res_blocks]:
+        sub._upstream_init = "zeros"
+    head.final_layer.adaLN_modulation[-1]._upstream_init = "zeros"
+    head.final_layer.linear._upstream_init = "zeros"
 
 
 class HarmonModel(HarmonPreTrainedModel):
@@ -138,6 +140,7 @@ class HarmonModel(HarmonPreTrainedModel):
         self.proj_in = _mlp_projector(enc, hidden)
         self.proj_out = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, enc))
         self.vae = AutoencoderKL(**config.vae_config.to_autoencoder_kwargs())
+        _tag_upstream_init(self.mar, self.diffusion_head)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
