@@ -640,8 +640,8 @@ def _drop_one_placeholder(ids: torch.Tensor, model: HarmonForConditionalGenerati
 
 def test_fresh_model_uses_upstream_initialisation() -> None:
     """From scratch (no weights loaded): MAR and head linears Xavier-uniform, the head's timestep MLP N(0, 0.02),
-    adaLN-zero (head blocks start as identities, output zero), MAR tables N(0, initializer_range); loading a
-    checkpoint never re-initialises anything."""
+    adaLN-zero (head blocks start as identities, output zero), MAR tables N(0, initializer_range). (That loading a
+    checkpoint re-initialises nothing is what the fixture-parity and round-trip tests above check.)"""
     from harmon_hf import HarmonConfig
 
     torch.manual_seed(0)
