@@ -5,6 +5,9 @@
   bitwise that of the per-step path).
 - `conditional_only` (no scheduler step for the never-read unconditional half) keeps the conditional rows bitwise.
 - The scheduler's cached coefficients and skipped variance keep `step` bitwise equal to `p_mean_variance`.
+- The fused sampling step (`HarmonDiffusionHead.inference_body`, `FusedReverseSteps`: fewer, fused tensor
+  operations per head step) computes `forward_modulated` / `step` up to float32 rounding, and steps aside for
+  heads with hooks or adapters and for scheduler configurations it does not cover.
 - `generate_image_tokens` without intermediates (the fast path) gives the tokens of the full-row path bitwise.
 - Pipeline chunking (`max_batch_size`) and sliced VAE decoding give the images of one call (up to float rounding:
   batched GEMMs may round differently from smaller ones).
@@ -160,6 +163,92 @@ def test_cached_step_coefficients_keep_step_exact(temperature: float) -> None:
             expected = mean if temperature == 0 or t == 0 else mean + torch.exp(0.5 * log_var) * noise * temperature
             assert torch.equal(prev.prev_sample, expected)
             assert torch.equal(prev.pred_original_sample, pred_x0)
+
+
+@torch.no_grad()
+def test_inference_body_is_forward_modulated() -> None:
+    head = random_head(width=128, blocks=3)
+    x, c = torch.randn(6, 16), torch.randn(6, 32)
+    mods = head.modulations(head.embed_condition(torch.tensor([999, 500, 10, 0, 3, 77]), c))
+    body = head.inference_body()
+    assert body is not None
+    expected = head.forward_modulated(x, mods)
+    # fused multiply-adds round once instead of twice: float32 rounding of the values' scale
+    torch.testing.assert_close(body(x, mods), expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+    # the closure reads the weights it was built with, not copies
+    head.final_layer.linear.bias.add_(1.0)
+    torch.testing.assert_close(body(x, mods), expected + 1.0, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+@torch.no_grad()
+def test_inference_body_steps_aside_for_hooks_and_adapters() -> None:
+    head = random_head()
+    cond = torch.randn(4, 32)
+
+    def run() -> torch.Tensor:
+        return sample_tokens(head, cond, HarmonDDPMScheduler(), 10, 2.0, generator=torch.Generator().manual_seed(0))
+
+    plain = run()
+    calls = []
+    handle = head.res_blocks[0].mlp[0].register_forward_hook(lambda mod, inp, out: calls.append(1))
+    assert head.inference_body() is None
+    hooked = run()  # through forward_modulated: the hook sees every step
+    handle.remove()
+    assert len(calls) == 10
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-5)  # values up to ~1e4: unclipped random head
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["mlp.0"]), head)
+    assert head.inference_body() is None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_fused_reverse_steps_are_step(clip: bool, temperature: float) -> None:
+    scheduler = HarmonDDPMScheduler(clip_sample=clip, clip_sample_range=2.0)
+    scheduler.set_timesteps(100)
+    fused = scheduler.fused_reverse_steps()
+    gen = torch.Generator().manual_seed(0)
+    for j, t in enumerate(scheduler.timesteps.tolist()):
+        x = 3 * torch.randn(5, 16, generator=gen)
+        out = torch.randn(5, 32, generator=gen)
+        out[:, 16:].clamp_(-1, 1)
+        noise = torch.randn(5, 16, generator=gen) if j != 99 else None
+        expected = scheduler.step(out, t, x, temperature=temperature, variance_noise=noise).prev_sample
+        got = fused(j, out[:, :16], out[:, 16:], x, noise, temperature)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m, t=t: f"t={t}: {m}")
+
+
+def test_fused_reverse_steps_only_for_what_they_cover() -> None:
+    assert HarmonDDPMScheduler(prediction_type="sample").fused_reverse_steps() is None
+    assert HarmonDDPMScheduler(variance_type="fixed_small").fused_reverse_steps() is None
+    assert HarmonDDPMScheduler(thresholding=True).fused_reverse_steps() is None
+    scheduler = HarmonDDPMScheduler()
+    scheduler.set_timesteps(20)
+    first = scheduler.fused_reverse_steps()
+    scheduler.set_timesteps(20)
+    assert scheduler.fused_reverse_steps() is first  # built once, not every MAR round
+    scheduler.set_timesteps(10)
+    assert scheduler.fused_reverse_steps().num_steps == 10
+
+
+@torch.no_grad()
+def test_sampling_falls_back_to_step_for_other_configs() -> None:
+    """A configuration the fused step does not cover samples through `step` (here: x_0 prediction)."""
+    head = random_head()
+    cond = torch.randn(4, 32)
+    scheduler = HarmonDDPMScheduler(prediction_type="sample")
+    got = sample_tokens(
+        head, cond, scheduler, 5, 2.0, temperature=0.0, init_noise=torch.zeros(2, 16), conditional_only=True
+    )
+    x = torch.zeros(2, 16)
+    scheduler.set_timesteps(5)
+    for t in scheduler.timesteps.tolist():
+        out = head.forward_with_cfg(torch.cat([x, x]), torch.tensor(t), cond, 2.0)[:2]
+        x = scheduler.step(out, t, x, temperature=0.0).prev_sample
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-5)
 
 
 def _tiny_model() -> HarmonForConditionalGeneration:

@@ -165,8 +165,12 @@ class HarmonModel(HarmonPreTrainedModel):
 
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Latent tokens `(B, m, n, token_dim)` -> images `(B, 3, 16m, 16n)` in about [-1, 1] (not clamped)."""
-        latents = self._unpatchify(tokens) / self.config.vae_scale
-        return self.vae.decode(latents.to(self.vae.dtype)).sample
+        latents = (self._unpatchify(tokens) / self.config.vae_scale).to(self.vae.dtype)
+        if latents.device.type == "cpu":
+            # oneDNN's convolutions are faster on channels-last activations (measured 14 % on the kl16 decoder at
+            # 256 px, 2 cores); the output is the same image up to float rounding, in channels-last strides
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        return self.vae.decode(latents).sample
 
     def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
         # (B, C, H, W) -> (B, H/p, W/p, C*p*p) with channel order (c, p, q).
@@ -393,11 +397,12 @@ class HarmonModel(HarmonPreTrainedModel):
 def _gather_rows(generators: Sequence[torch.Generator | None], rows: Sequence[int], shape_tail, device, dtype):
     """Draw `(sum(rows), *shape_tail)` normal noise, the j-th block of `rows[j]` rows from `generators[j]`."""
     parts = [
-        torch.randn((r, *shape_tail), generator=g, device=g.device if g is not None else device, dtype=dtype).to(device)
+        torch.randn((r, *shape_tail), generator=g, device=g.device if g is not None else device, dtype=dtype)
         for g, r in zip(generators, rows)
         if r > 0
     ]
-    return torch.cat(parts, dim=0)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # called at every head step: no needless copy
+    return out if out.device == device else out.to(device)
 
 
 class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):

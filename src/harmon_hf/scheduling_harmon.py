@@ -551,6 +551,22 @@ class HarmonDDPMScheduler(DDPMScheduler):
         vb = torch.where(timesteps == 0, nll, kl)
         return mse, vb
 
+    # ----- the sampling loop's step ---------------------------------------------------------------------------
+    def fused_reverse_steps(self, device: torch.device | str = "cpu") -> FusedReverseSteps | None:
+        """The reverse steps of the current `timesteps` as a `FusedReverseSteps` (what `sample_tokens` runs), or None
+        for a configuration it does not cover (prediction other than epsilon, variance other than learned-range,
+        thresholding): `step` then does the work."""
+        cfg = self.config
+        if cfg.prediction_type != "epsilon" or cfg.variance_type != "learned_range" or cfg.thresholding:
+            return None
+        clip = cfg.clip_sample_range if cfg.clip_sample else None
+        key = (tuple(self.timestep_map.tolist()), str(device), clip)
+        cached = getattr(self, "_fused_steps", None)
+        if cached is None or cached[0] != key:  # the loop calls set_timesteps every MAR round with the same steps
+            cached = (key, FusedReverseSteps(self.sample_tables, clip, device))
+            self._fused_steps = cached
+        return cached[1]
+
     # ----- faster samplers --------------------------------------------------------------------------------------
     def compatible_scheduler(self, scheduler_class: type | str, **kwargs) -> SchedulerMixin:
         """A DDIM / DPM-Solver (any class in `_compatibles`) on the same training schedule, set up to be fed the eps
@@ -588,6 +604,62 @@ class HarmonDDPMScheduler(DDPMScheduler):
         base = {k: v for k, v in base.items() if k in params}
         base.update(kwargs)
         return cls(**base)
+
+
+class FusedReverseSteps:
+    """`HarmonDDPMScheduler.step` for a sampling loop: the eps -> x_0 -> posterior mean -> learned-range noise
+    update of every respaced step in 4-8 tensor operations, from coefficients precomputed once.
+
+    `step` costs about 40 tensor operations plus lookups and checks, per step; a token sampler runs it 100 times per
+    MAR round on a few rows, where that overhead is the time. Here the float64 tables are rounded to float32 once
+    (as upstream rounds each coefficient before use) into 0-d tensors, and the multiply-adds are fused:
+    `x_0 = a x - b eps`, `mean = c1 x_0 + c2 x`, `std = exp(k0 + k1 v)` (the learned-range interpolation
+    `0.5 (f max + (1 - f) min)` with `f = (v + 1) / 2`, rearranged), `prev = mean + temperature * std * noise`.
+    The values are `step`'s up to float32 rounding (measured in `tests/test_performance_invariants.py`).
+
+    Call with `j`, the reverse step's position in `timesteps` (0 = the noisiest).
+    """
+
+    def __init__(self, tables: DiffusionTables, clip_range: float | None, device: torch.device | str = "cpu"):
+        names = (
+            "sqrt_recip_alphas_cumprod",
+            "sqrt_recipm1_alphas_cumprod",
+            "posterior_mean_coef1",
+            "posterior_mean_coef2",
+            "posterior_log_variance_clipped",
+            "log_betas",
+        )
+        # float64 -> float32 (upstream's rounding), as 0-d tensors (a tensor op with a 0-d tensor operand costs less
+        # than with a Python float); k0, k1 from the rounded tables. Reverse-step order: step j is index K - 1 - j.
+        table = torch.stack([getattr(tables, name) for name in names]).float().double().flip(1)
+        a, b, c1, c2, min_log, max_log = table
+        k0, k1 = (max_log + min_log) / 4, (max_log - min_log) / 4
+        coefficients = torch.stack([a, -b, c1, c2, k0, k1], dim=1).to(device=device, dtype=torch.float32)
+        self.coefficients = [row.unbind(0) for row in coefficients.unbind(0)]
+        self.clip_range = clip_range
+        self.num_steps = len(tables)
+
+    def __call__(
+        self,
+        j: int,
+        eps: torch.Tensor,
+        var_values: torch.Tensor,
+        sample: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """x_{t-1} `(N, C)` from `eps`, `var_values` (the head's learned-range values) and `sample` x_t, all `(N, C)`
+        float32; `noise` `(N, C)` is added (times `temperature`) unless None. The last step (j = K - 1) adds no
+        noise in upstream's sampler: pass None there."""
+        a, minus_b, c1, c2, k0, k1 = self.coefficients[j]
+        x0 = torch.addcmul(sample * a, eps, minus_b)
+        if self.clip_range is not None:
+            x0.clamp_(-self.clip_range, self.clip_range)
+        mean = torch.addcmul(x0.mul_(c1), sample, c2)
+        if noise is None or temperature == 0:
+            return mean
+        std = torch.addcmul(k0, var_values, k1).exp_()
+        return mean.addcmul_(std, noise, value=temperature)
 
 
 # ----- the sampling loop -----------------------------------------------------------------------------------------
@@ -738,7 +810,9 @@ def sample_tokens(
             noise = step_noise[j] if isinstance(step_noise, torch.Tensor) else step_noise(j)
             if tuple(noise.shape) != (rows, channels) and not (cond_only and tuple(noise.shape) == (n_draw, channels)):
                 raise ValueError(f"step_noise({j}) must be ({rows}, {channels}), got {tuple(noise.shape)}")
-            return noise[:stepped_rows].to(device, torch.float32)
+            if noise.shape[0] != stepped_rows:
+                noise = noise[:stepped_rows]
+            return noise if noise.dtype == torch.float32 and noise.device == device else noise.to(device, torch.float32)
         if isinstance(generator, list):
             half = _draw((n_draw, channels), generator, device)
             return half if cond_only or not use_cfg else torch.cat([half, half])
@@ -758,31 +832,43 @@ def sample_tokens(
         per_step = rows * width * (3 * len(head.res_blocks) + 2) * c_emb.element_size()
         chunk = max(1, min(num_steps, MODULATION_CHUNK_BYTES // max(per_step, 1)))
     step_mods: list = []
+    # The per-step work as few tensor operations as possible (see `inference_body` and `FusedReverseSteps`): with a
+    # few rows per step, per-operation overhead is most of the head's time.
+    body = head.inference_body() if hoist and not torch.is_grad_enabled() else None
+    body = body or getattr(head, "forward_modulated", None)
+    fused_step = scheduler.fused_reverse_steps(device) if is_harmon else None
 
     trajectory = []
     for j, t in enumerate(t_values):
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = x if is_harmon else scheduler.scale_model_input(x, t)  # DDPM's scaling is the identity
         if embedded:
-            net_half = x_in[:n_draw]
-            net_x = torch.cat([net_half, net_half]) if use_cfg else x_in
+            # the network sees the conditional half of x for both halves
+            half = x_in if cond_only else x_in[:n_draw]
+            net_x = torch.cat([half, half]) if use_cfg else x_in
             if hoist:
                 if j % chunk == 0:
                     # modulations of steps j .. j+chunk-1 at once; y = t_emb + c_emb as in the per-step path
                     mods = head.modulations(t_emb[j : j + chunk, None, :] + c_emb[None])
-                    # per layer: the (k, rows, W) tensors -> k per-step tuples of (rows, W) views
-                    step_mods = [list(zip(*(m.unbind(0) for m in group))) for group in mods]
-                out = head.forward_modulated(net_x.to(head_dtype), [group[j % chunk] for group in step_mods])
+                    # per layer: the (k, rows, W) tensors -> per step, one list of per-layer tuples of (rows, W) views
+                    per_layer = [list(zip(*(m.unbind(0) for m in group))) for group in mods]
+                    step_mods = [list(layers) for layers in zip(*per_layer)]
+                if net_x.dtype != head_dtype:
+                    net_x = net_x.to(head_dtype)
+                out = body(net_x, step_mods[j % chunk])
             else:
                 out = head.forward_embedded(net_x.to(head_dtype), t_emb[j] + c_emb)
-            out = out.float()
+            if out.dtype != torch.float32:
+                out = out.float()
             if use_cfg:
-                eps, rest = out[:, :channels], out[:, channels:]
-                cond_eps, uncond_eps = eps.chunk(2, dim=0)
-                guided = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
+                cond_out, uncond_out = out.chunk(2)
+                # uncond + scale * (cond - uncond) over all channels in one op; only the eps half of it is used
+                eps = torch.lerp(uncond_out, cond_out, guidance_scale)[:, :channels]
                 if cond_only:
-                    out = torch.cat([guided, rest[:n_draw]], dim=1)
+                    var_values = cond_out[:, channels:]
                 else:
-                    out = torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+                    eps, var_values = torch.cat([eps, eps]), out[:, channels:]
+            else:
+                eps, var_values = out[:, :channels], out[:, channels:]
         else:
             full_x = torch.cat([x_in, x_in]) if cond_only else x_in
             t_vec = torch.full((rows,), t, device=device, dtype=torch.long)
@@ -790,15 +876,19 @@ def sample_tokens(
             out = (head.forward_with_cfg(x_h, t_vec, c_h, guidance_scale) if use_cfg else head(x_h, t_vec, c_h)).float()
             if cond_only:
                 out = out[:n_draw]
+            eps, var_values = out[:, :channels], out[:, channels:]
 
         if is_harmon:
             needs_noise = stochastic and j != num_steps - 1  # the last respaced step adds no noise
-            x = scheduler.step(
-                out, t, x, temperature=temperature, variance_noise=noise_for(j) if needs_noise else None
-            ).prev_sample
+            noise = noise_for(j) if needs_noise else None
+            if fused_step is not None:
+                x = fused_step(j, eps, var_values, x, noise, temperature)
+            else:
+                out = torch.cat([eps, var_values], dim=1)
+                x = scheduler.step(out, t, x, temperature=temperature, variance_noise=noise).prev_sample
         else:
             kwargs = {"variance_noise": noise_for(j) * temperature} if stochastic else {}
-            x = scheduler.step(out[:, :channels], t, x, **kwargs).prev_sample.float()
+            x = scheduler.step(eps, t, x, **kwargs).prev_sample.float()
         if return_trajectory:
             trajectory.append(x)
     return (x, torch.stack(trajectory)) if return_trajectory else x
