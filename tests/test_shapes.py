@@ -14,6 +14,8 @@ import torch
 
 from harmon_hf.shapes.data import (
     KINDS,
+    SLOT_JITTER,
+    SLOTS,
     ObjectSpec,
     PromptSpec,
     ShapesWorld,
@@ -31,6 +33,7 @@ from harmon_hf.shapes.eval import (
     perturb_spec,
     score_image,
 )
+from harmon_hf.shapes.run_eval import WORLD_FILE, load_world
 
 WORLD = ShapesWorld()
 
@@ -125,17 +128,67 @@ def test_parse_prompt_round_trip():
     assert parse_prompt("a pink hexagon") is None
 
 
+SLOTS_WORLD = ShapesWorld(layout="slots")
+
+
+def test_slots_layout_puts_every_object_in_its_slot():
+    for kind in KINDS:
+        for i in range(15):
+            scene = make_scene(i, "train", seed=6, kind=kind, world=SLOTS_WORLD)
+            assert _png_bytes(scene) == _png_bytes(make_scene(i, "train", seed=6, kind=kind, world=SLOTS_WORLD))
+            spec = scene.spec
+            if spec.kind == "pair":
+                slots, sizes = SLOTS["pair_h" if spec.axis == "h" else "pair_v"]
+                # the caption's objects in its order; the first named sits left / above exactly when the relation
+                # says so
+                assert [(s.colour, s.shape) for s in scene.shapes] == [(o.colour, o.shape) for o in spec.objects]
+                first_is_left_or_top = spec.relation in ("left", "above")
+                centres = [(s.cx, s.cy) for s in scene.shapes]
+                if not first_is_left_or_top:
+                    centres = centres[::-1]
+            else:
+                slots, sizes = SLOTS["single"] if spec.kind == "single" else SLOTS[f"count{spec.count}"]
+                centres = [(s.cx, s.cy) for s in scene.shapes]
+                assert len(scene.shapes) == len(slots)
+            for (x, y), (sx, sy) in zip(centres, slots):
+                assert abs(x - sx) <= SLOT_JITTER + 1e-9 and abs(y - sy) <= SLOT_JITTER + 1e-9, (scene.caption, x, y)
+            assert all(sizes[0] <= s.size <= sizes[1] for s in scene.shapes)
+    # the default world is unchanged: its pictures are not the slots ones
+    assert _png_bytes(make_scene(0, "train", seed=6)) != _png_bytes(make_scene(0, "train", seed=6, world=SLOTS_WORLD))
+
+
+def test_world_layout_validation_and_round_trip():
+    with pytest.raises(ValueError, match="'grid'"):
+        ShapesWorld(layout="grid")
+    with pytest.raises(ValueError, match="max_count=4"):
+        ShapesWorld(layout="slots", max_count=4)
+    assert ShapesWorld.from_dict(json.loads(json.dumps(SLOTS_WORLD.to_dict()))) == SLOTS_WORLD
+    old = SLOTS_WORLD.to_dict()
+    del old["layout"]  # worlds saved before layouts existed
+    assert ShapesWorld.from_dict(old).layout == "random"
+
+
+def test_load_world_reads_the_model_folder(tmp_path):
+    assert load_world(tmp_path) == ShapesWorld()  # no world file: the default world
+    (tmp_path / WORLD_FILE).write_text(json.dumps(SLOTS_WORLD.to_dict()))
+    assert load_world(tmp_path) == SLOTS_WORLD
+    (tmp_path / WORLD_FILE).write_text(json.dumps({"layout": "slots"}))
+    with pytest.raises(ValueError, match=WORLD_FILE):
+        load_world(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # ShapesEval
 # ------------------------------------------------------------------------------------------------------------------
-def test_captions_and_answers_match_the_pictures():
-    detector = ShapeDetector(WORLD)
+@pytest.mark.parametrize("world", [WORLD, SLOTS_WORLD], ids=["random", "slots"])
+def test_captions_and_answers_match_the_pictures(world):
+    detector = ShapeDetector(world)
     answerer = DetectionAnswerer(detector)
     for split in ("train", "test"):
         for kind in KINDS:
             for i in range(12):
-                scene = make_scene(i, split, seed=1, kind=kind)
-                image = scene.render(WORLD)
+                scene = make_scene(i, split, seed=1, kind=kind, world=world)
+                image = scene.render(world)
                 result = match_spec(scene.spec, detector.detect(image))
                 assert result["correct"], (scene.caption, result)
                 for question, answer, _ in scene.qa:
@@ -153,6 +206,13 @@ def test_scorer_rejects_wrong_prompts():
             assert not match_spec(wrong, detector.detect(scene.render(WORLD)))["correct"], (scene.caption, wrong)
     blank = make_scene(0, "test", kind="single").render(WORLD).point(lambda _: 255)
     assert score_image(blank, "a red circle")["correct"] is False
+
+
+def test_evaluate_in_the_slots_world_with_ground_truth():
+    results = evaluate(
+        ground_truth_generate_fn(SLOTS_WORLD), lambda image, q: "red", n=4, seed=9, world=SLOTS_WORLD, verbose=False
+    )
+    assert all(results["generation"][kind]["accuracy"] == 1.0 for kind in KINDS)
 
 
 def test_evaluate_with_ground_truth_and_constant_answers(tmp_path):

@@ -67,15 +67,20 @@ def load_yaml(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------------
 # 1-2: data and autoencoder
 # ------------------------------------------------------------------------------------------------------------------
-def make_data(out: Path, train: int, test: int, seed: int = 0) -> Path:
-    """Write OUT/data/{train,test,tokenizer} unless present."""
+def make_data(out: Path, train: int, test: int, seed: int = 0, layout: str = "random") -> Path:
+    """Write OUT/data/{train,test,tokenizer} unless present (`layout`: see `ShapesWorld.layout`)."""
     from harmon_hf.shapes.data import ShapesWorld, write_dataset
     from harmon_hf.shapes.tokenizer import save_tokenizer
 
     data = out / "data"
-    world = ShapesWorld(resolution=64)
+    world = ShapesWorld(resolution=64, layout=layout)
     for split, n in (("train", train), ("test", test)):
-        if not (data / split / "world.json").is_file():
+        written = data / split / "world.json"
+        if written.is_file():
+            # an interrupted run continues only in the world it started in
+            if ShapesWorld.from_dict(json.loads(written.read_text(encoding="utf-8"))["world"]) != world:
+                raise ValueError(f"{written} holds another world than this run's (layout {layout!r}); use a new --out")
+        else:
             summary = write_dataset(data / split, n, split=split, seed=seed, world=world)
             log(f"data: {split} {summary['num_images']} pictures, {summary['num_questions']} questions")
     if not (data / "tokenizer" / "tokenizer.json").is_file():
@@ -255,13 +260,15 @@ def run_stages(out: Path, data: Path, start: Path, smoke: bool) -> Path:
 # ------------------------------------------------------------------------------------------------------------------
 # 5-6: the pipeline folder, shipping, evaluation
 # ------------------------------------------------------------------------------------------------------------------
-def save_pipeline(stage_dir: Path, target: Path) -> int:
+def save_pipeline(stage_dir: Path, target: Path, world: dict[str, Any] | None = None) -> int:
     """Assemble `HarmonPipeline(model, HarmonDDPMScheduler(**model.yaml's scheduler), processor)` from a stage folder
-    and save it; returns the size of the weights (bytes)."""
+    and save it, with the training world (`world`, `ShapesWorld.to_dict()`) as `shapes_world.json` so that
+    ShapesEval draws its test scenes in it; returns the size of the weights (bytes)."""
     from harmon_hf.modeling_harmon import HarmonForConditionalGeneration
     from harmon_hf.pipeline_harmon import HarmonPipeline
     from harmon_hf.processing_harmon import HarmonProcessor
     from harmon_hf.scheduling_harmon import HarmonDDPMScheduler
+    from harmon_hf.shapes.run_eval import WORLD_FILE
 
     model = HarmonForConditionalGeneration.from_pretrained(stage_dir)
     processor = HarmonProcessor.from_pretrained(stage_dir)
@@ -271,6 +278,8 @@ def save_pipeline(stage_dir: Path, target: Path) -> int:
     if target.exists():
         shutil.rmtree(target)
     pipe.save_pretrained(target, safe_serialization=True)
+    if world is not None:
+        (target / WORLD_FILE).write_text(json.dumps(world, indent=1) + "\n", encoding="utf-8")
     return sum(p.stat().st_size for p in target.rglob("*.safetensors"))
 
 
@@ -296,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         default=1375,
         help="autoencoder steps (the shipped VAE's: its 1500-step default stopped there at the 12-minute limit)",
     )
+    parser.add_argument(
+        "--layout",
+        choices=("random", "slots"),
+        default=None,
+        help="where the shapes sit in the pictures (default: model.yaml's `layout`; see ShapesWorld.layout)",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage (checks the script)")
     parser.add_argument("--ship", action="store_true", help="install the result as the package's default model")
     parser.add_argument("--eval", type=int, default=0, metavar="N", help="run ShapesEval on N scenes per kind")
@@ -313,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         report["seconds"][name] = round(now - clock, 1)
         clock = now
 
-    data = make_data(out, 200 if args.smoke else args.train, 30 if args.smoke else args.test, args.seed)
+    layout = args.layout or load_yaml(CONFIGS / "model.yaml").get("layout", "random")
+    data = make_data(out, 200 if args.smoke else args.train, 30 if args.smoke else args.test, args.seed, layout)
     lap("data")
     vae_dir = train_autoencoder(out, args.vae_steps, args.smoke)
     lap("vae")
@@ -322,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     final_stage = run_stages(out, data, stage0, args.smoke)
     lap("stages")
     pipeline_dir = out / "harmon-shapes"
-    report["weights_bytes"] = save_pipeline(final_stage, pipeline_dir)
+    report["weights_bytes"] = save_pipeline(
+        final_stage, pipeline_dir, json.loads((data / "train" / "world.json").read_text(encoding="utf-8"))["world"]
+    )
     report["parameters"] = json.loads((stage0 / "parameters.json").read_text())
     lap("pipeline")
     report["total_minutes"] = round(sum(report["seconds"].values()) / 60, 1)

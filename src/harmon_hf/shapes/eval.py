@@ -356,7 +356,9 @@ def ground_truth_generate_fn(world: ShapesWorld | None = None) -> GenerateFn:
             if spec is None:
                 raise ValueError(f"cannot parse prompt {prompt!r}")
             rng = random.Random(f"harmon-shapes/oracle/{seed}/{i}/{prompt}")
-            images.append(render_shapes(place(spec, rng), world.resolution, world.palette, world.background))
+            images.append(
+                render_shapes(place(spec, rng, world.layout), world.resolution, world.palette, world.background)
+            )
         return images
 
     return generate

@@ -23,9 +23,35 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .data import KINDS
+from .data import KINDS, ShapesWorld
 
-__all__ = ["add_arguments", "evaluate_model", "load_model", "make_answer_fn", "make_generate_fn", "run"]
+__all__ = [
+    "WORLD_FILE",
+    "add_arguments",
+    "evaluate_model",
+    "load_model",
+    "load_world",
+    "make_answer_fn",
+    "make_generate_fn",
+    "run",
+]
+
+# The world a model was trained in, saved beside its weights (`ShapesWorld.to_dict()`) by examples/shapes/train.py.
+WORLD_FILE = "shapes_world.json"
+
+
+def load_world(folder: str | Path) -> ShapesWorld:
+    """The `ShapesWorld` of the model in `folder` (its `shapes_world.json`), or the default world when the folder
+    has none: the held-out test scenes are drawn in the world the model learned."""
+    import json
+
+    path = Path(folder) / WORLD_FILE
+    if not path.is_file():
+        return ShapesWorld()
+    try:
+        return ShapesWorld.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid Harmon-Shapes world: {err}") from err
 
 
 def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -141,14 +167,17 @@ def evaluate_model(
     verbose: bool = True,
     sampler: str = "default",
     diffusion_steps: int | None = None,
+    world: ShapesWorld | None = None,
 ) -> dict[str, Any]:
     """ShapesEval of the model in `folder` on `n` held-out scenes per kind (see `shapes.eval.evaluate` for the
-    result layout); the sampling settings and the folder are added under `results["config"]`."""
+    result layout); the sampling settings and the folder are added under `results["config"]`. `world`: the world
+    of the test scenes (default: the folder's `shapes_world.json`, see `load_world`)."""
     from .eval import evaluate
 
     unknown = set(tasks) - {"generation", "understanding"}
     if unknown or not tasks:
         raise ValueError(f"tasks must be a non-empty subset of ('generation', 'understanding'), got {list(tasks)}")
+    world = world or load_world(folder)
     pipe, model, processor = load_model(folder, device=device, dtype=dtype)
     # The world's pictures are drawn at the resolution the model was trained for.
     size = int(model.config.image_size)
@@ -165,6 +194,7 @@ def evaluate_model(
         answer_fn,
         n=n,
         seed=seed,
+        world=world,
         kinds=kinds,
         batch_size=batch_size,
         out_json=None,
