@@ -1,7 +1,7 @@
 """The embedded default model (Harmon-Shapes) and the `harmon-hf eval-shapes` command.
 
 Fast (about 30 s on 2 cores): the shipped weights load offline, draw a picture, answer about it, and the ShapesEval
-command runs on a tiny subset. The full ShapesEval of the model card is `test_shipped_model_meets_targets` (slow).
+command runs on a tiny subset. The full ShapesEval of the model card is `test_shipped_model_card_numbers_hold` (slow).
 """
 
 from __future__ import annotations

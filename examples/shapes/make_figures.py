@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from harmon_hf.default_model import default_model_path
-from harmon_hf.shapes.data import ShapesWorld, make_scene
-from harmon_hf.shapes.run_eval import load_model, make_answer_fn
+from harmon_hf.shapes.data import make_scene
+from harmon_hf.shapes.run_eval import load_model, load_world, make_answer_fn
 
 PROMPTS: tuple[str, ...] = (
     "a red circle",
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe, model, processor = load_model(args.model or default_model_path())
+    folder = args.model or default_model_path()
+    pipe, model, processor = load_model(folder)
 
     # The README command's picture: same call as `harmon-hf generate` with its defaults.
     pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0].save(
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     grid([columns]).save(out / "harmon-shapes-generation.png", optimize=True)
 
     answer = make_answer_fn(model, processor, max_new_tokens=16)
-    world = ShapesWorld()
+    world = load_world(folder)  # held-out pictures of the world the model was trained in
     cells = []
     for i, kind in enumerate(("single", "single", "pair", "count")):
         scene = make_scene(i, "test", 1234, kind, world)
