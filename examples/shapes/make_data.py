@@ -26,10 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test", type=int, default=600, help="test pictures")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument(
+        "--layout", choices=("slots", "random"), default="slots", help="ShapesWorld.layout (the shipped model: slots)"
+    )
     parser.add_argument("--vocab-size", type=int, default=500, help="tokenizer size incl. special tokens")
     parser.add_argument("--no-tokenizer", action="store_true")
     args = parser.parse_args(argv)
-    world = ShapesWorld(resolution=args.resolution)
+    world = ShapesWorld(resolution=args.resolution, layout=args.layout)
     out = Path(args.out)
     for split, n in (("train", args.train), ("test", args.test)):
         if n <= 0:

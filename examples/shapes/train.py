@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce Harmon-Shapes, the embedded default model, from scratch on CPU (issue #7).
 
-    python examples/shapes/train.py --out out/harmon-shapes                 # about 2 hours on 2 cores (see the model card)
+    python examples/shapes/train.py --out out/harmon-shapes                 # about 75 minutes on 2 cores (model card)
     python examples/shapes/train.py --out out/harmon-shapes --ship          # ... and install it as the default model
     python examples/shapes/train.py --out /tmp/hs-smoke --smoke             # every step in about 2 minutes
 
