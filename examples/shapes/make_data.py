@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from harmon_hf.shapes.data import ShapesWorld, write_dataset
+from harmon_hf.shapes.data import LAYOUTS, ShapesWorld, write_dataset
 from harmon_hf.shapes.tokenizer import save_tokenizer
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument(
-        "--layout", choices=("slots", "random"), default="slots", help="ShapesWorld.layout (the shipped model: slots)"
+        "--layout", choices=LAYOUTS, default="slots", help="ShapesWorld.layout (the shipped model: slots)"
     )
     parser.add_argument("--vocab-size", type=int, default=500, help="tokenizer size incl. special tokens")
     parser.add_argument("--no-tokenizer", action="store_true")

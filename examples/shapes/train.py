@@ -67,8 +67,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------------
 # 1-2: data and autoencoder
 # ------------------------------------------------------------------------------------------------------------------
-def make_data(out: Path, train: int, test: int, seed: int = 0, layout: str = "random") -> Path:
-    """Write OUT/data/{train,test,tokenizer} unless present (`layout`: see `ShapesWorld.layout`)."""
+def make_data(out: Path, train: int, test: int, seed: int = 0, layout: str = "random") -> tuple[Path, Any]:
+    """Write OUT/data/{train,test,tokenizer} unless present (`layout`: see `ShapesWorld.layout`); returns the data
+    folder and its `ShapesWorld`."""
     from harmon_hf.shapes.data import ShapesWorld, write_dataset
     from harmon_hf.shapes.tokenizer import save_tokenizer
 
@@ -85,7 +86,7 @@ def make_data(out: Path, train: int, test: int, seed: int = 0, layout: str = "ra
             log(f"data: {split} {summary['num_images']} pictures, {summary['num_questions']} questions")
     if not (data / "tokenizer" / "tokenizer.json").is_file():
         save_tokenizer(data / "tokenizer", 500, world)
-    return data
+    return data, world
 
 
 def train_autoencoder(out: Path, steps: int, smoke: bool) -> Path:
@@ -293,6 +294,8 @@ def ship(pipeline_dir: Path, target: Path = DEFAULT_MODEL_DIR) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run every step."""
+    from harmon_hf.shapes.data import LAYOUTS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="work folder (data, vae, stages, the pipeline folder)")
     parser.add_argument("--train", type=int, default=20000, help="training pictures")
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--layout",
-        choices=("random", "slots"),
+        choices=LAYOUTS,
         default=None,
         help="where the shapes sit in the pictures (default: model.yaml's `layout`; see ShapesWorld.layout)",
     )
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         clock = now
 
     layout = args.layout or load_yaml(CONFIGS / "model.yaml").get("layout", "random")
-    data = make_data(out, 200 if args.smoke else args.train, 30 if args.smoke else args.test, args.seed, layout)
+    data, world = make_data(out, 200 if args.smoke else args.train, 30 if args.smoke else args.test, args.seed, layout)
     lap("data")
     vae_dir = train_autoencoder(out, args.vae_steps, args.smoke)
     lap("vae")
@@ -338,9 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     final_stage = run_stages(out, data, stage0, args.smoke)
     lap("stages")
     pipeline_dir = out / "harmon-shapes"
-    report["weights_bytes"] = save_pipeline(
-        final_stage, pipeline_dir, json.loads((data / "train" / "world.json").read_text(encoding="utf-8"))["world"]
-    )
+    report["weights_bytes"] = save_pipeline(final_stage, pipeline_dir, world.to_dict())
     report["parameters"] = json.loads((stage0 / "parameters.json").read_text())
     lap("pipeline")
     report["total_minutes"] = round(sum(report["seconds"].values()) / 60, 1)

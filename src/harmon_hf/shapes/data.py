@@ -93,12 +93,14 @@ LAYOUTS: tuple[str, ...] = ("slots", "random")
 # every object's place fixed by the prompt, each latent token depends on the prompt alone (up to the jitter): what a
 # tiny model can learn in an hour on a CPU. Free layouts also need the MAR to make its tokens agree with the ones
 # drawn before (see the model card).
+_CENTRE_SLOT = (((0.5, 0.5),), (0.44, 0.52))
+_ROW_SLOTS = (((0.27, 0.5), (0.73, 0.5)), (0.34, 0.38))
 SLOTS: dict[str, tuple[tuple[tuple[float, float], ...], tuple[float, float]]] = {
-    "single": (((0.5, 0.5),), (0.44, 0.52)),
-    "pair_h": (((0.27, 0.5), (0.73, 0.5)), (0.34, 0.38)),
+    "single": _CENTRE_SLOT,
+    "pair_h": _ROW_SLOTS,
     "pair_v": (((0.5, 0.27), (0.5, 0.73)), (0.34, 0.38)),
-    "count1": (((0.5, 0.5),), (0.44, 0.52)),
-    "count2": (((0.27, 0.5), (0.73, 0.5)), (0.34, 0.38)),
+    "count1": _CENTRE_SLOT,
+    "count2": _ROW_SLOTS,
     "count3": (((0.5, 0.27), (0.27, 0.73), (0.73, 0.73)), (0.3, 0.34)),
 }
 SLOT_JITTER = 0.03
@@ -490,17 +492,18 @@ def _place_count(rng: random.Random, obj: ObjectSpec, count: int) -> list[Placed
 def _place_slots(rng: random.Random, spec: PromptSpec) -> list[PlacedShape]:
     if spec.kind == "pair":
         slots, sizes = SLOTS["pair_h" if spec.axis == "h" else "pair_v"]
-        first, second = spec.objects if spec.relation in ("left", "above") else spec.objects[::-1]
-        objects = (first, second)
+        # slot order: left / top first
+        swap = spec.relation not in ("left", "above")
+        objects = spec.objects[::-1] if swap else spec.objects
     else:
         slots, sizes = SLOTS["single"] if spec.kind == "single" else SLOTS[f"count{spec.count}"]
-        objects = spec.objects * len(slots)
+        swap, objects = False, spec.objects * len(slots)
     placed = []
     for obj, (x, y) in zip(objects, slots):
         dx, dy = _uniform(rng, -SLOT_JITTER, SLOT_JITTER), _uniform(rng, -SLOT_JITTER, SLOT_JITTER)
         placed.append(PlacedShape(obj.colour, obj.shape, x + dx, y + dy, _uniform(rng, *sizes)))
     # A pair lists its objects as the caption names them (A, then B), whatever side A is on.
-    return placed if spec.kind != "pair" or objects == spec.objects else placed[::-1]
+    return placed[::-1] if swap else placed
 
 
 def place(spec: PromptSpec, rng: random.Random, layout: str = "random") -> list[PlacedShape]:

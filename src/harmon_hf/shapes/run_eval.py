@@ -16,6 +16,7 @@ processor side by side), so sampler or training changes can be compared on the s
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,6 @@ WORLD_FILE = "shapes_world.json"
 def load_world(folder: str | Path) -> ShapesWorld:
     """The `ShapesWorld` of the model in `folder` (its `shapes_world.json`), or the default world when the folder
     has none: the held-out test scenes are drawn in the world the model learned."""
-    import json
-
     path = Path(folder) / WORLD_FILE
     if not path.is_file():
         return ShapesWorld()
@@ -177,7 +176,8 @@ def evaluate_model(
     unknown = set(tasks) - {"generation", "understanding"}
     if unknown or not tasks:
         raise ValueError(f"tasks must be a non-empty subset of ('generation', 'understanding'), got {list(tasks)}")
-    world = world or load_world(folder)
+    if world is None:
+        world = load_world(folder)
     pipe, model, processor = load_model(folder, device=device, dtype=dtype)
     # The world's pictures are drawn at the resolution the model was trained for.
     size = int(model.config.image_size)
