@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """Reproduce Harmon-Shapes, the embedded default model, from scratch on CPU (issue #7).
 
-    python examples/shapes/train.py --out out/harmon-shapes                 # about 75 minutes on 2 cores (model card)
+    python examples/shapes/train.py --out out/harmon-shapes                 # about 70 minutes on 2 cores (model card)
     python examples/shapes/train.py --out out/harmon-shapes --ship          # ... and install it as the default model
-    python examples/shapes/train.py --out /tmp/hs-smoke --smoke             # every step in about 2 minutes
+    python examples/shapes/train.py --out /tmp/hs-smoke --smoke             # every step in under a minute
 
 The steps (each skipped when its output already exists in OUT, so an interrupted run continues):
 
 1. `OUT/data`: the Harmon-Shapes train/test splits and the ~500-token tokenizer (`harmon_hf.shapes.data`,
    `harmon_hf.shapes.tokenizer`; seconds).
-2. `OUT/vae`: the kl16-layout autoencoder (`harmon_hf.shapes.vae.train_vae`; 10-25 minutes).
+2. `OUT/vae`: the kl16-layout autoencoder of `model.yaml`'s `vae:` section (`harmon_hf.shapes.vae.train_vae`;
+   about 14 minutes).
 3. `OUT/stage0`: a randomly initialised Harmon of the architecture in `examples/shapes/configs/model.yaml`
    (a small Qwen2 LLM from scratch, a small MAR and diffusion head) with the trained VAE inside, and its processor.
 4. `OUT/stage1`, `OUT/stage2`, `OUT/stage3`: the three Harmon training stages, each run by `examples/train.py`
@@ -89,18 +90,20 @@ def make_data(out: Path, train: int, test: int, seed: int = 0, layout: str = "ra
     return data, world
 
 
-def train_autoencoder(out: Path, steps: int, smoke: bool) -> Path:
-    """Train the shapes VAE into OUT/vae unless present; returns the diffusers folder OUT/vae/vae.
+def train_autoencoder(out: Path, steps: int, smoke: bool, block_out_channels: tuple[int, ...] | None = None) -> Path:
+    """Train the shapes VAE (`block_out_channels`: its five widths, None = `VAETrainingConfig`'s) into OUT/vae unless
+    present; returns the diffusers folder OUT/vae/vae.
 
     A fixed number of steps and no time limit, so that the result does not depend on the machine's speed."""
     from harmon_hf.shapes.vae import VAETrainingConfig, train_vae
 
     folder = out / "vae"
     if not (folder / "vae" / "config.json").is_file():
+        widths = {} if block_out_channels is None else {"block_out_channels": tuple(block_out_channels)}
         if smoke:
-            config = VAETrainingConfig(steps=20, eval_images=16, log_every=5, time_limit_minutes=None)
+            config = VAETrainingConfig(steps=20, eval_images=16, log_every=5, time_limit_minutes=None, **widths)
         else:
-            config = VAETrainingConfig(steps=steps, time_limit_minutes=None)
+            config = VAETrainingConfig(steps=steps, time_limit_minutes=None, **widths)
         train_vae(config, folder, log=log)
     return folder / "vae"
 
@@ -303,10 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
-        "--vae-steps",
-        type=int,
-        default=1375,
-        help="autoencoder steps (the shipped VAE's: its 1500-step default stopped there at the 12-minute limit)",
+        "--vae-steps", type=int, default=None, help="autoencoder steps (default: model.yaml's `vae: steps`)"
     )
     parser.add_argument(
         "--layout",
@@ -318,6 +318,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ship", action="store_true", help="install the result as the package's default model")
     parser.add_argument("--eval", type=int, default=0, metavar="N", help="run ShapesEval on N scenes per kind")
     args = parser.parse_args(argv)
+    model_yaml = load_yaml(CONFIGS / "model.yaml")
+    vae_yaml = model_yaml.get("vae", {})
+    vae_steps = args.vae_steps if args.vae_steps is not None else int(vae_yaml.get("steps", 1500))
+    if vae_steps < 1:
+        parser.error(f"--vae-steps must be at least 1, got {vae_steps}")
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -331,10 +336,10 @@ def main(argv: list[str] | None = None) -> None:
         report["seconds"][name] = round(now - clock, 1)
         clock = now
 
-    layout = args.layout or load_yaml(CONFIGS / "model.yaml").get("layout", "random")
+    layout = args.layout or model_yaml.get("layout", "random")
     data, world = make_data(out, 200 if args.smoke else args.train, 30 if args.smoke else args.test, args.seed, layout)
     lap("data")
-    vae_dir = train_autoencoder(out, args.vae_steps, args.smoke)
+    vae_dir = train_autoencoder(out, vae_steps, args.smoke, vae_yaml.get("block_out_channels"))
     lap("vae")
     stage0 = build_initial_model(out, data, vae_dir, args.seed)
     lap("stage0")
