@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import importlib.util
 import json
 import os
 import re
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from example_scripts import load_example
 from PIL import Image
 from tiny_model import fast_pipeline_dir, free_port, requires_tiny
 
@@ -40,11 +40,7 @@ ROUNDS, DIFFUSION_STEPS = 2, 4
 
 
 def load_app_module():
-    spec = importlib.util.spec_from_file_location("harmon_space_app", SPACE / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_example("space/app.py", "harmon_space_app")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from example_scripts import load_example
 
 from harmon_hf.shapes.data import (
     KINDS,
@@ -323,16 +324,6 @@ def test_vae_layout_and_a_few_steps_lower_the_loss():
 # ------------------------------------------------------------------------------------------------------------------
 # examples/shapes/train.py (the recipe that makes the shipped model)
 # ------------------------------------------------------------------------------------------------------------------
-def _train_script():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "shapes" / "train.py"
-    spec = importlib.util.spec_from_file_location("shapes_train_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_train_script_smoke_builds_the_configured_model(tmp_path):
     """`train.py --smoke` runs every step (about 30 s): the VAE has model.yaml's widths, each stage trains its
@@ -340,7 +331,7 @@ def test_train_script_smoke_builds_the_configured_model(tmp_path):
     pytest.importorskip("diffusers")
     import yaml
 
-    script = _train_script()
+    script = load_example("shapes/train.py")
     with pytest.raises(SystemExit):
         script.main(["--out", str(tmp_path / "bad"), "--smoke", "--vae-steps", "0"])
     assert not (tmp_path / "bad").exists()  # refused before anything was written

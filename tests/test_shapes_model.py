@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from example_scripts import load_example
 
 from harmon_hf import cli
 from harmon_hf.default_model import DEFAULT_MODEL_DIR, default_model_path
@@ -124,23 +125,13 @@ def test_shipped_model_card_numbers_hold() -> None:
         assert results["targets"][name]["threshold"] == target["threshold"]
 
 
-def _context_probe():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "shapes" / "context_probe.py"
-    spec = importlib.util.spec_from_file_location("context_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_context_probe_ridge_baseline_and_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """examples/shapes/context_probe.py: the ridge baseline separates redundant tokens (pictures with 5 degrees of
     freedom: the other tokens determine each one) from independent ones, and the MAR probe runs on the shipped
     model, with clear errors for a file that is not a latent cache."""
     from safetensors.torch import save_file
 
-    probe = _context_probe()
+    probe = load_example("shapes/context_probe.py")
     gen = torch.Generator().manual_seed(0)
     redundant = (torch.randn(400, 5, generator=gen) @ torch.randn(5, 16 * 16, generator=gen)).reshape(400, 16, 16)
     independent = torch.randn(400, 16, 16, generator=gen)
@@ -163,23 +154,13 @@ def test_context_probe_ridge_baseline_and_run(tmp_path: Path, capsys: pytest.Cap
         probe.load_tokens(tmp_path / "bad.safetensors")
 
 
-def _binding_probe():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "shapes" / "binding_probe.py"
-    spec = importlib.util.spec_from_file_location("binding_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_binding_probe_on_the_shipped_model(tmp_path: Path) -> None:
     """examples/shapes/binding_probe.py: a prompt's slot conditions do not depend on the other prompts of the batch
     (right padding), and the card's numbers hold (relation word 0.3 %, other axis ~110 %); a pair of equal objects
     is refused before the model is loaded."""
     from harmon_hf.shapes.run_eval import load_model
 
-    probe = _binding_probe()
+    probe = load_example("shapes/binding_probe.py")
     _, model, processor = load_model(default_model_path())
     prompts = ["a red circle to the left of a blue square", "a green triangle"]
     together = probe.slot_conditions(model, processor, prompts)

@@ -99,12 +99,12 @@ def train_autoencoder(out: Path, steps: int, smoke: bool, block_out_channels: tu
 
     folder = out / "vae"
     if not (folder / "vae" / "config.json").is_file():
-        widths = {} if block_out_channels is None else {"block_out_channels": tuple(block_out_channels)}
+        settings: dict[str, Any] = {"steps": steps, "time_limit_minutes": None}
+        if block_out_channels is not None:
+            settings["block_out_channels"] = tuple(block_out_channels)
         if smoke:
-            config = VAETrainingConfig(steps=20, eval_images=16, log_every=5, time_limit_minutes=None, **widths)
-        else:
-            config = VAETrainingConfig(steps=steps, time_limit_minutes=None, **widths)
-        train_vae(config, folder, log=log)
+            settings.update(steps=20, eval_images=16, log_every=5)
+        train_vae(VAETrainingConfig(**settings), folder, log=log)
     return folder / "vae"
 
 
@@ -298,6 +298,7 @@ def ship(pipeline_dir: Path, target: Path = DEFAULT_MODEL_DIR) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run every step."""
     from harmon_hf.shapes.data import LAYOUTS
+    from harmon_hf.shapes.vae import VAETrainingConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="work folder (data, vae, stages, the pipeline folder)")
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model_yaml = load_yaml(CONFIGS / "model.yaml")
     vae_yaml = model_yaml.get("vae", {})
-    vae_steps = args.vae_steps if args.vae_steps is not None else int(vae_yaml.get("steps", 1500))
+    vae_steps = args.vae_steps if args.vae_steps is not None else int(vae_yaml.get("steps", VAETrainingConfig.steps))
     if vae_steps < 1:
         parser.error(f"--vae-steps must be at least 1, got {vae_steps}")
 
