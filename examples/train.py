@@ -133,7 +133,11 @@ class DataArguments:
     min_image_size: int = field(default=16, metadata={"help": "Skip images whose shorter side is below this."})
     max_aspect_ratio: float = field(default=10.0, metadata={"help": "Skip images more elongated than this."})
     latent_cache_dir: str | None = field(
-        default=None, metadata={"help": "Cache the VAE latents of the generation images here (needs t2i_crop=center)."}
+        default=None,
+        metadata={
+            "help": "Cache the VAE latents of the training images here, for both tasks (generation data needs "
+            "t2i_crop=center); the training steps then skip the VAE encoder."
+        },
     )
 
 
@@ -248,13 +252,16 @@ def build_datasets(
     t2i = build_task_dataset(data_args.t2i_data, TEXT_TO_IMAGE, t2i_crop=data_args.t2i_crop, **common)
     if i2t is None and t2i is None:
         raise ValueError("No training data: pass --i2t_data and/or --t2i_data.")
-    if data_args.latent_cache_dir and t2i is not None:
+    if data_args.latent_cache_dir:
         with training_args.main_process_first(desc="VAE latent cache"):
             vae = model.model.vae
             vae.to(training_args.device)
-            attach_latent_cache(
-                model, t2i, data_args.latent_cache_dir, batch_size=training_args.per_device_train_batch_size
-            )
+            cached: list = []
+            for ds in (t2i, i2t):  # understanding copies the tokens of pictures it shares with generation
+                if ds is not None:
+                    batch = training_args.per_device_train_batch_size
+                    attach_latent_cache(model, ds, data_args.latent_cache_dir, batch_size=batch, reuse=cached)
+                    cached.append(ds)
             vae.to("cpu")
     for name, ds in ((IMAGE_TO_TEXT, i2t), (TEXT_TO_IMAGE, t2i)):
         if ds is not None:

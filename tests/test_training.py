@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import PIL.Image
 import pytest
 import torch
 from fixture_utils import FIXTURE_DIR, assert_fixture_close, fixture_json, load_tensors, requires_fixture
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from harmon_hf.configuration_harmon import HarmonConfig
 from harmon_hf.modeling_harmon import HarmonForConditionalGeneration
@@ -282,6 +285,21 @@ def test_collator_truncates_long_captions(processor):
     assert text.endswith("<|im_start|>assistant\n") and "Generate an image: a red cube" in text
 
 
+def test_collator_prompt_rows_match_the_processor(processor):
+    """The collator keeps each caption's token row; the batch equals the processor's own batch, with repeated,
+    dropped and over-long captions, and again when every row comes from the kept ones."""
+    collator = HarmonDataCollator(processor, unconditional_prob=0.0, t2i_max_length=24)
+    captions = ["a red cube", "two blue circles", "a red cube", None, "a green cube " * 20, ""]
+    examples = [{"task": TEXT_TO_IMAGE, "pixel_values": torch.zeros(3, 64, 64), "caption": c} for c in captions]
+    collator.drop_captions = lambda exs: [ex["caption"] for ex in exs]  # keep the None entry as given
+    expected = processor.build_t2i_prompts([collator._truncate(c) for c in captions], add_unconditional=False)
+    for _ in range(2):
+        batch = collator(examples)
+        assert torch.equal(batch["generation_input_ids"], expected["input_ids"])
+        assert torch.equal(batch["generation_attention_mask"], expected["attention_mask"])
+    assert len(collator._rows) == 5  # one per distinct caption
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # data sources
 # ------------------------------------------------------------------------------------------------------------------
@@ -408,6 +426,64 @@ def test_mixed_sampler_ratio_ranks_and_determinism():
     assert sorted(cycle_tasks) == sorted([IMAGE_TO_TEXT] + [TEXT_TO_IMAGE] * 4)
     only_gen = MixedTaskBatchSampler({TEXT_TO_IMAGE: 10}, 4, "i2t:1,t2i:4")
     assert {b[0][0] for b in only_gen} == {TEXT_TO_IMAGE}
+
+
+def test_length_grouped_sampler_keeps_the_pass_and_cuts_padding():
+    """group_by_length: the same examples in a pass over the data, batches of similar length, reproducible; the
+    tasks without lengths keep their ungrouped batches."""
+    sizes = {IMAGE_TO_TEXT: 64, TEXT_TO_IMAGE: 64}
+    lengths = [(7 * i) % 23 + (40 if i % 2 else 0) for i in range(64)]  # short and long conversations, mixed
+    kwargs = dict(batch_size=4, ratio="i2t:1,t2i:1", seed=5)
+    plain = list(MixedTaskBatchSampler(sizes, **kwargs))
+    grouped_sampler = MixedTaskBatchSampler(sizes, lengths={IMAGE_TO_TEXT: lengths}, group_size=4, **kwargs)
+    grouped = list(grouped_sampler)
+
+    def of(batches, task):
+        return [[key[1] for key in b] for b in batches if b[0][0] == task]
+
+    # every understanding example once per pass, as without grouping; generation untouched
+    assert sorted(i for b in of(grouped, IMAGE_TO_TEXT) for i in b) == list(range(64))
+    assert of(grouped, TEXT_TO_IMAGE) == of(plain, TEXT_TO_IMAGE)
+
+    # the padding a batch needs (its longest minus its members) falls
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(of(grouped, IMAGE_TO_TEXT)) < 0.5 * padding(of(plain, IMAGE_TO_TEXT))
+    # the seed stream is that of the ungrouped run, position by position; the order is reproducible
+    assert [[k[2] for k in b] for b in grouped] == [[k[2] for k in b] for b in plain]
+    assert list(grouped_sampler) == grouped
+    with pytest.raises(ValueError, match="lengths\\['image2text'\\] has 3 entries for 64"):
+        MixedTaskBatchSampler(sizes, lengths={IMAGE_TO_TEXT: [1, 2, 3]}, **kwargs)
+    with pytest.raises(ValueError, match="group_size must be >= 1, got 0"):
+        MixedTaskBatchSampler(sizes, lengths={IMAGE_TO_TEXT: lengths}, group_size=0, **kwargs)
+
+
+def test_sampling_strategy_options(tmp_path, processor):
+    """train_sampling_strategy reaches the mixed-task sampler: group_by_length groups the understanding batches by
+    text length (conversations vs captions), sequential keeps the data order; unsupported values are refused."""
+    folder = make_shapes_folder(tmp_path / "shapes", broken=False)
+    grouped = run_trainer(tmp_path / "g", folder, processor, 2, train_sampling_strategy="group_by_length")
+    grouped.get_train_dataloader()
+    sampler = grouped.train_batch_sampler
+    assert set(sampler.lengths) == {IMAGE_TO_TEXT}
+    i2t = grouped.train_dataset.datasets[IMAGE_TO_TEXT]
+    assert sampler.lengths[IMAGE_TO_TEXT] == [len(i2t.record(i).text) for i in range(len(i2t))]
+    both = run_trainer(
+        tmp_path / "b", folder, processor, 2, train_sampling_strategy="group_by_length", group_by_length_tasks="i2t,t2i"
+    )
+    both.get_train_dataloader()
+    assert set(both.train_batch_sampler.lengths) == {IMAGE_TO_TEXT, TEXT_TO_IMAGE}
+    sequential = run_trainer(tmp_path / "s", folder, processor, 2, train_sampling_strategy="sequential")
+    sequential.get_train_dataloader()
+    first = next(iter(sequential.train_batch_sampler))
+    assert [key[1] for key in first] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="train_sampling_strategy='batch_rebalance' is not supported"):
+        run_trainer(
+            tmp_path / "r", folder, processor, 2, train_sampling_strategy="batch_rebalance"
+        ).get_train_dataloader()
+    with pytest.raises(ValueError, match="unknown tasks \\['captions'\\]"):
+        HarmonTrainingArguments(output_dir=str(tmp_path / "x"), group_by_length_tasks="i2t,captions")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -566,6 +642,87 @@ def test_latent_cache_gives_the_same_loss(tmp_path, processor):
     # the broken examples are substituted, the cache file is reused
     assert ds[len(COLORS)]["num_skipped"] >= 1
     assert attach_latent_cache(model, ds, tmp_path / "cache").path == cache.path
+
+
+@requires_scheduler
+def test_understanding_latent_cache_gives_the_same_loss(tmp_path, processor, caplog):
+    """Understanding data cached: one VAE pass per distinct picture (two sources share the files), tokens copied
+    from the generation cache where the preprocessed pixels agree (square pictures) and encoded where they do not
+    (padding vs centre crop); the batch gives the loss of the uncached one; bad inputs are refused."""
+    from harmon_hf.training.latents import LatentCache, cache_file
+
+    rect = make_shapes_folder(tmp_path / "rect", broken=False)  # 80x64 / 88x64: padding != centre crop
+    square = tmp_path / "square"
+    square.mkdir()
+    with open(square / "metadata.jsonl", "w") as f:
+        for i, (name, rgb) in enumerate(COLORS.items()):
+            _shape_image(rgb, (64, 64), i).save(square / f"{name}.png")
+            f.write(json.dumps({"file_name": f"{name}.png", "text": f"a {name} box"}) + "\n")
+    model = tiny_model().eval()
+    collate = HarmonDataCollator(processor, unconditional_prob=0.0)
+    n = len(COLORS)
+    for folder, copied in ((rect, 0), (square, n)):
+        cache_dir = tmp_path / f"cache-{folder.name}"
+        t2i = build_task_dataset([folder], TEXT_TO_IMAGE, processor.image_processor, resolution=64, t2i_crop="center")
+        i2t = build_task_dataset([folder, folder], IMAGE_TO_TEXT, processor.image_processor, resolution=64)
+        keys = [(i, i + 11) for i in range(len(i2t))]
+        pixels_batch = collate([i2t[k] for k in keys])
+        attach_latent_cache(model, t2i, cache_dir)
+        with caplog.at_level(logging.INFO, logger="harmon_hf.training.latents"):
+            cache = attach_latent_cache(model, i2t, cache_dir, reuse=[t2i])
+        assert f"({n} pictures: {n - copied} encoded, {copied} copied" in caplog.text
+        caplog.clear()
+        assert cache.path == cache_file(cache_dir, 64, IMAGE_TO_TEXT) and len(cache) == 2 * n
+        assert cache.rows.tolist() == list(range(n)) * 2  # the second source reuses the first's rows
+        with safe_open(str(cache.path), framework="pt") as f:
+            assert f.get_slice("tokens").get_shape()[0] == n
+        cached_batch = collate([i2t[k] for k in keys])
+        assert "image_tokens" in cached_batch and "pixel_values" not in cached_batch
+        assert cached_batch["input_ids"].equal(pixels_batch["input_ids"])
+        with torch.no_grad():
+            tokens = model.encode_images(pixels_batch["pixel_values"])
+        torch.testing.assert_close(cached_batch["image_tokens"], tokens, atol=1e-6, rtol=1e-6)
+        generation_tokens = torch.stack([t2i[i]["image_tokens"] for i in range(n)])
+        assert torch.equal(cached_batch["image_tokens"][:n], generation_tokens) == bool(copied)
+        losses = []
+        for batch in (pixels_batch, cached_batch):
+            batch = {k: v for k, v in batch.items() if k != "num_skipped_images"}
+            with torch.no_grad():
+                losses.append(model(**batch).loss_i2t.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+        # reopened, not rebuilt; a cache made for other data is refused, naming both
+        assert attach_latent_cache(model, i2t, cache_dir).rows.equal(cache.rows)
+        one_source = build_task_dataset([folder], IMAGE_TO_TEXT, processor.image_processor, resolution=64)
+        with pytest.raises(ValueError, match="was built for .*'num_examples': '12'.*'num_examples': '6'"):
+            attach_latent_cache(model, one_source, cache_dir)
+    pixels_example = {k: v for k, v in i2t[keys[1]].items() if k != "image_tokens"}
+    pixels_example["pixel_values"] = torch.zeros(3, 64, 64)
+    with pytest.raises(ValueError, match="mixes cached latents and pixels"):
+        collate([i2t[keys[0]], pixels_example])
+    # a cache file of the first format (text-to-image rows per example + a valid mask) still reads
+    legacy = tmp_path / "legacy.safetensors"
+    save_file(
+        {"tokens": torch.arange(24, dtype=torch.float32).reshape(3, 2, 1, 4), "valid": torch.tensor([1, 0, 1]).byte()},
+        str(legacy),
+        metadata={"resolution": "32", "num_examples": "3", "crop": "center"},
+    )
+    old = LatentCache(legacy)
+    assert old.rows.tolist() == [0, -1, 2] and old.get(1) is None and old.get(2)[1, 0, 0].item() == 20.0
+    assert old.metadata["task"] == TEXT_TO_IMAGE
+
+
+def test_understanding_forward_takes_image_tokens_or_pixels_not_both(processor):
+    model = tiny_model().eval()
+    inputs = processor(
+        text="<image>\nWhat colour?", images=[_shape_image((220, 30, 30), (64, 64))], return_tensors="pt"
+    )
+    with torch.no_grad():
+        tokens = model.encode_images(inputs["pixel_values"])
+        from_pixels = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+        from_tokens = model(input_ids=inputs["input_ids"], image_tokens=tokens).logits
+    torch.testing.assert_close(from_tokens, from_pixels)
+    with pytest.raises(ValueError, match="at most one of pixel_values, image_tokens and mm_encoder_outputs"):
+        model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], image_tokens=tokens)
 
 
 def cli(config: Path, **options) -> list[str]:

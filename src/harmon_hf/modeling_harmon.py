@@ -258,20 +258,31 @@ class HarmonModel(HarmonPreTrainedModel):
         use_cache: bool | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         image_grad_scale: float | None = None,
+        image_tokens: torch.Tensor | None = None,
         **kwargs,
     ) -> HarmonModelOutputWithPast:
         """LLM forward with image features merged into the `<image>` placeholders.
 
-        `input_ids` `(B, S)`, `pixel_values` `(N_images, 3, H, W)`; `image_grad_scale` scales the gradient that flows
+        `input_ids` `(B, S)`, `pixel_values` `(N_images, 3, H, W)` or their VAE latent tokens `image_tokens`
+        `(N_images, m, n, token_dim)` (a training latent cache); `image_grad_scale` scales the gradient that flows
         into the image features (values unchanged).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if pixel_values is not None and mm_encoder_outputs is not None:
-            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs")
+        given = [
+            name
+            for name, value in (
+                ("pixel_values", pixel_values),
+                ("image_tokens", image_tokens),
+                ("mm_encoder_outputs", mm_encoder_outputs),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"Pass at most one of pixel_values, image_tokens and mm_encoder_outputs, got {given}")
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
-        if mm_encoder_outputs.get("image") is None and pixel_values is not None:
-            mm_encoder_outputs["image"] = self.get_image_features(pixel_values=pixel_values)
+        if mm_encoder_outputs.get("image") is None and (pixel_values is not None or image_tokens is not None):
+            mm_encoder_outputs["image"] = self.get_image_features(pixel_values=pixel_values, image_tokens=image_tokens)
         image_outputs = mm_encoder_outputs.get("image")
         if inputs_embeds is None:
             embed_ids = input_ids
@@ -463,13 +474,14 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         diffusion_timesteps: torch.LongTensor | None = None,
         diffusion_noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        image_tokens: torch.Tensor | None = None,
         **kwargs,
     ) -> HarmonCausalLMOutputWithPast:
         """Understanding forward (LLaVA-style) and/or the text-to-image training loss.
 
         Understanding part (all optional when only generation inputs are given): `input_ids` `(B, S)` with expanded
-        `<image>` placeholders, `pixel_values` `(N_images, 3, H, W)`, `attention_mask`, `labels` `(B, S)` (-100 =
-        ignored) -> `logits` and `loss_i2t` (token-mean next-token cross-entropy; the gradient into the image features
+        `<image>` placeholders, `pixel_values` `(N_images, 3, H, W)` (or their latent tokens `image_tokens`
+        `(N_images, m, n, C)`), `attention_mask`, `labels` `(B, S)` (-100 = ignored) -> `logits` and `loss_i2t` (token-mean next-token cross-entropy; the gradient into the image features
         is scaled by `config.grad_scale_image2text`).
 
         Text-to-image part: `generation_input_ids` / `generation_attention_mask` `(B', S')` right-padded prompts and
@@ -494,6 +506,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
                 use_cache=use_cache,
                 mm_encoder_outputs=mm_encoder_outputs,
                 image_grad_scale=self.config.grad_scale_image2text if labels is not None else None,
+                image_tokens=image_tokens,
                 **kwargs,
             )
             hidden = outputs.last_hidden_state

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..processing_harmon import HarmonProcessor
+from ..processing_harmon import HarmonProcessor, _right_pad
 from .data import IMAGE_TO_TEXT, TEXT_TO_IMAGE, as_generator
 
 # Different stream from the dataset's use of the same per-example seed (crop offset, question).
@@ -22,7 +22,8 @@ class HarmonDataCollator:
     Output keys (all tensors; only those of the tasks present):
 
     - image-to-text: `input_ids`, `attention_mask`, `labels` `(B, S)` (right-padded with `<|im_end|>`, labels -100
-      except on the answers and their `<|im_end|>`) and `pixel_values` `(B, 3, H, W)`.
+      except on the answers and their `<|im_end|>`) and `pixel_values` `(B, 3, H, W)` or `image_tokens`
+      `(B, H/16, W/16, C)` when the examples come from a latent cache.
     - text-to-image: `generation_input_ids`, `generation_attention_mask` `(B', S')` ("Generate an image: {caption}"
       in the chat template, right-padded) and `generation_pixel_values` `(B', 3, H, W)` or `generation_image_tokens`
       `(B', H/16, W/16, C)` when the examples come from a latent cache.
@@ -67,13 +68,24 @@ class HarmonDataCollator:
 
     # ----- image -> text ---------------------------------------------------------------------------------------
     def collate_image_to_text(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Conversations + preprocessed images -> `input_ids`, `attention_mask`, `labels` `(B, S)`, `pixel_values`."""
-        pixel_values = torch.stack([torch.as_tensor(ex["pixel_values"]) for ex in examples])
+        """Conversations + preprocessed images -> `input_ids`, `attention_mask`, `labels` `(B, S)`, `pixel_values`
+        `(B, 3, S, S)` (or `image_tokens` `(B, S/16, S/16, C)` when the examples come from a latent cache)."""
         size = self.processor.image_size
-        if tuple(pixel_values.shape[-2:]) != (size, size):
+        has_tokens = ["image_tokens" in ex for ex in examples]
+        if all(has_tokens):
+            images = {"image_tokens": torch.stack([torch.as_tensor(ex["image_tokens"]) for ex in examples])}
+            found = tuple(images["image_tokens"].shape[1:3])
+            expected = (size // int(self.processor.image_processor.image_stride),) * 2
+        elif not any(has_tokens):
+            images = {"pixel_values": torch.stack([torch.as_tensor(ex["pixel_values"]) for ex in examples])}
+            found, expected = tuple(images["pixel_values"].shape[-2:]), (size, size)
+        else:
+            raise ValueError("An image-to-text batch mixes cached latents and pixels; cache all examples or none.")
+        if found != expected:
+            what = "latent grids" if "image_tokens" in images else "images"
             raise ValueError(
-                f"Understanding images are {tuple(pixel_values.shape[-2:])} but the processor expands <image> for "
-                f"{size}x{size}; use the same resolution for the dataset and the processor."
+                f"Understanding {what} are {found} but the processor expands <image> for {size}x{size} pixels "
+                f"({expected}); use the same resolution for the dataset and the processor."
             )
         text = self.processor.build_i2t_training_batch(
             [ex["conversation"] for ex in examples], max_length=self.i2t_max_length, return_tensors="pt"
@@ -82,7 +94,7 @@ class HarmonDataCollator:
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "labels": text["labels"],
-            "pixel_values": pixel_values,
+            **images,
         }
 
     # ----- text -> image ---------------------------------------------------------------------------------------
@@ -103,9 +115,12 @@ class HarmonDataCollator:
     def collate_text_to_image(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Captions + target images -> `generation_input_ids`, `generation_attention_mask`, and
         `generation_pixel_values` `(B, 3, H, W)` or `generation_image_tokens` `(B, m, n, C)`."""
-        prompts = [self._truncate(p) for p in self.drop_captions(examples)]
-        text = self.processor.build_t2i_prompts(prompts, add_unconditional=False, return_tensors="pt")
-        batch = {"generation_input_ids": text["input_ids"], "generation_attention_mask": text["attention_mask"]}
+        rows = [self._prompt_row(p) for p in self.drop_captions(examples)]
+        input_ids, attention_mask = _right_pad(rows, self.processor._pad_id())
+        batch = {
+            "generation_input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "generation_attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+        }
         has_tokens = ["image_tokens" in ex for ex in examples]
         if all(has_tokens):
             batch["generation_image_tokens"] = torch.stack([torch.as_tensor(ex["image_tokens"]) for ex in examples])
@@ -114,6 +129,22 @@ class HarmonDataCollator:
         else:
             raise ValueError("A text-to-image batch mixes cached latents and pixels; cache all examples or none.")
         return batch
+
+    def _prompt_row(self, caption: str | None) -> list[int]:
+        """Token ids of one generation prompt (`HarmonProcessor.build_t2i_prompts`, after `_truncate`), kept per
+        caption: a training run collates the same captions many times, and rendering the chat template and
+        tokenizing were most of the time of a text-to-image collate."""
+        p = self.processor
+        key = (caption, p.chat_template, p.generation_template, p.unconditional_prompt)
+        cache = self.__dict__.setdefault("_rows", {})
+        row = cache.get(key)
+        if row is None:
+            row = p.build_t2i_prompts([self._truncate(caption)], add_unconditional=False, return_tensors=None)
+            row = row["input_ids"][0]
+            if len(cache) >= 65536:  # bounded: captions of large datasets rarely repeat
+                cache.clear()
+            cache[key] = row
+        return list(row)
 
     def _truncate(self, caption: str | None) -> str | None:
         """Shorten a caption so that its whole prompt fits in `t2i_max_length` tokens."""

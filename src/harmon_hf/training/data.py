@@ -137,6 +137,17 @@ class ImageTextSource:
         """The raw record at `index` (reading it may fail; the dataset then skips the example)."""
         raise NotImplementedError
 
+    def text_lengths(self) -> list[int]:
+        """Characters of text in each record (all conversation turns, or the longest caption; 0 when unknown): a
+        cheap stand-in for the token length, used to group batches by length (`train_sampling_strategy`)."""
+        lengths = []
+        for index in range(len(self)):
+            try:
+                lengths.append(_text_length(self.record(index)))
+            except Exception:  # an unreadable record is skipped at training time; its length does not matter
+                lengths.append(0)
+        return lengths
+
 
 class ListSource(ImageTextSource):
     """Upstream JSON lists: entries `{"image", "annotation" | caption_key | "conversations"}` (module docstring)."""
@@ -248,6 +259,21 @@ class HFDatasetSource(ImageTextSource):
         if isinstance(image, str) and self.root is not None and not os.path.isabs(image):
             image = self.root / image
         return ImageTextRecord(image=image, text=row[self.text_column], name=f"{self.name}[{index}]")
+
+    def text_lengths(self) -> list[int]:
+        # the text column alone: reading whole rows would decode every image
+        return [_text_length(ImageTextRecord(image=None, text=text)) for text in self.dataset[self.text_column]]
+
+
+def _text_length(record: ImageTextRecord) -> int:
+    if record.conversation:
+        return sum(len(turn.get("value", "")) for turn in record.conversation if isinstance(turn, dict))
+    text = record.text
+    if isinstance(text, str):
+        return len(text)
+    if isinstance(text, (list, tuple)):
+        return max((len(t) for t in text if isinstance(t, str)), default=0)
+    return 0  # in an annotation file: not read for this
 
 
 def _pick_column(columns: set[str], candidates: Sequence[str], kind: str, where: Any) -> str:
@@ -385,8 +411,8 @@ class ImageTextDataset(Dataset):
 
     - `text2image`: `pixel_values` float32 `(3, S, S)` in [-1, 1] (or `image_tokens` `(S/16, S/16, C)` when a latent
       cache is attached), `caption` (str), `seed`, `num_skipped`, `task`.
-    - `image2text`: `pixel_values` `(3, S, S)`, `conversation` (chat messages with one `{"type": "image"}` item),
-      `seed`, `num_skipped`, `task`.
+    - `image2text`: `pixel_values` `(3, S, S)` (or `image_tokens` with a latent cache), `conversation` (chat
+      messages with one `{"type": "image"}` item), `seed`, `num_skipped`, `task`.
 
     Args:
         sources: the data sources (`load_source`).
@@ -434,6 +460,10 @@ class ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return self._offsets[-1]
 
+    def text_lengths(self) -> list[int]:
+        """`ImageTextSource.text_lengths` of every example (the sources concatenated)."""
+        return [length for source in self.sources for length in source.text_lengths()]
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         if isinstance(key, (tuple, list)):
             index, seed = int(key[0]), int(key[1])
@@ -478,18 +508,39 @@ class ImageTextDataset(Dataset):
         """Load and preprocess example `index`; raises `BrokenExampleError` (or an I/O error) for a broken one."""
         record = self.record(index)
         text = self._caption(record, generator)
-        if self.task == TEXT_TO_IMAGE and self.latent_cache is not None:
+        if self.latent_cache is not None:
             cached = self.latent_cache.get(index)
             if cached is None:
                 raise BrokenExampleError(f"{record.name}: no latents in the cache (its image was broken)")
-            return {"image_tokens": cached, "caption": text}
+            if self.task == TEXT_TO_IMAGE:
+                return {"image_tokens": cached, "caption": text}
+            return {"image_tokens": cached, "conversation": self._conversation(record, text, generator)}
         image = self.load_image(record)
         if self.task == TEXT_TO_IMAGE:
             return {"pixel_values": self.preprocess_t2i(image, generator), "caption": text}
-        pixel_values = self.image_processor(
+        return {"pixel_values": self.preprocess_i2t(image), "conversation": self._conversation(record, text, generator)}
+
+    def preprocess_i2t(self, image: PIL.Image.Image) -> torch.Tensor:
+        """Understanding preprocessing (pad to a square, resize, scale): `(3, S, S)` float32 in [-1, 1]."""
+        return self.image_processor(
             images=[image], size={"height": self.resolution, "width": self.resolution}, return_tensors="pt"
         )["pixel_values"][0]
-        return {"pixel_values": pixel_values, "conversation": self._conversation(record, text, generator)}
+
+    def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
+        """This task's deterministic preprocessing (`preprocess_i2t`, or `preprocess_t2i` with the centre crop)."""
+        if self.task == IMAGE_TO_TEXT:
+            return self.preprocess_i2t(image)
+        if self.t2i_crop != "center":
+            raise ValueError(f"t2i_crop={self.t2i_crop!r} is random: its preprocessing has no fixed result.")
+        return self.preprocess_t2i(image)
+
+    def image_key(self, index: int) -> str | None:
+        """What identifies example `index`'s image across examples and datasets (its path; None for in-memory
+        images), so that a latent cache encodes a picture shared by several examples once."""
+        image = self.record(index).image
+        if isinstance(image, dict):
+            image = image.get("path") if image.get("bytes") is None else None
+        return str(image) if isinstance(image, (str, os.PathLike)) else None
 
     def preprocess_t2i(self, image: PIL.Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         """Square crop (random or centred) + resize + scale: `(3, S, S)` float32 in [-1, 1]."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -70,6 +70,12 @@ class MixedTaskBatchSampler:
         shuffle: shuffle each task's examples (otherwise in order).
         order: `"sequential"` (tasks in the order of `ratio` within a cycle) or `"random"` (shuffled per cycle).
         steps_per_epoch: batches per rank in an epoch, rounded up to whole cycles.
+        lengths: per task, a length for every example (e.g. `ImageTextDataset.text_lengths()`): the task's batches
+            are then grouped by length like transformers' `LengthGroupedSampler` (`train_sampling_strategy=
+            "group_by_length"`): each run of `group_size` batches from the shuffled stream is sorted by length,
+            cut into batches, and those batches are shuffled: a batch pads to a similar length, and the task reads
+            the same stream of examples, reordered within each run.
+        group_size: batches per sorted run (transformers uses 50).
     """
 
     drop_last = False
@@ -84,9 +90,13 @@ class MixedTaskBatchSampler:
         shuffle: bool = True,
         order: str = "sequential",
         steps_per_epoch: int | None = None,
+        lengths: Mapping[str, Sequence[int]] | None = None,
+        group_size: int = 50,
     ):
         if batch_size < 1 or num_replicas < 1:
             raise ValueError(f"batch_size and num_replicas must be >= 1, got {batch_size} and {num_replicas}.")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}.")
         if order not in ("sequential", "random"):
             raise ValueError(f"order must be 'sequential' or 'random', got {order!r}.")
         ratio = parse_task_ratio(ratio)
@@ -100,6 +110,14 @@ class MixedTaskBatchSampler:
         self.shuffle = shuffle
         self.order = order
         self.epoch = 0
+        self.group_size = group_size
+        self.lengths: dict[str, list[int]] = {}
+        for task, values in (lengths or {}).items():
+            if task not in self.task_sizes:
+                continue
+            if len(values) != self.task_sizes[task]:
+                raise ValueError(f"lengths[{task!r}] has {len(values)} entries for {self.task_sizes[task]} examples.")
+            self.lengths[task] = [int(v) for v in values]
         cycle = sum(self.ratio.values())
         if steps_per_epoch is None:
             per_step = batch_size * num_replicas
@@ -133,13 +151,29 @@ class MixedTaskBatchSampler:
         return schedule
 
     def __iter__(self) -> Iterator[list[Key]]:
-        streams = {task: self._stream(task) for task in self.ratio}
+        batches = {task: self._batches(task) for task in self.ratio}
         seeds = torch.Generator().manual_seed(self._seed(1, 0))
         for task in self.task_schedule():
             for _ in range(self.num_replicas):
-                indices = [next(streams[task]) for _ in range(self.batch_size)]
+                indices = next(batches[task])
                 example_seeds = torch.randint(0, 2**63 - 1, (self.batch_size,), generator=seeds).tolist()
                 yield [(task, index, s) for index, s in zip(indices, example_seeds)]
+
+    def _batches(self, task: str) -> Iterator[list[int]]:
+        stream = self._stream(task)
+        lengths = self.lengths.get(task)
+        if lengths is None:
+            while True:
+                yield [next(stream) for _ in range(self.batch_size)]
+        task_id = 2 + len(self.ratio) + list(self.ratio).index(task)
+        run = 0
+        while True:
+            group = [next(stream) for _ in range(self.batch_size * self.group_size)]
+            group.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep the shuffled order
+            cut = [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+            generator = torch.Generator().manual_seed(self._seed(task_id, run))
+            yield from (cut[i] for i in torch.randperm(len(cut), generator=generator).tolist())
+            run += 1
 
     def _stream(self, task: str) -> Iterator[int]:
         size = self.task_sizes[task]

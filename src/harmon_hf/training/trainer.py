@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import seed_worker
 
-from .data import MixedTaskDataset
+from .data import IMAGE_TO_TEXT, TASKS, TEXT_TO_IMAGE, MixedTaskDataset
 from .sampler import MixedTaskBatchSampler, parse_task_ratio
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,14 @@ class HarmonTrainingArguments(TrainingArguments):
     steps_per_epoch: int | None = field(
         default=None, metadata={"help": "Batches per rank in an epoch (default: until every task saw its data)."}
     )
+    group_by_length_tasks: str = field(
+        default="image2text",
+        metadata={
+            "help": "With train_sampling_strategy='group_by_length': the tasks whose batches are grouped by text "
+            "length (comma-separated). Understanding conversations vary in length; generation prompts are short, "
+            "so by default their batches stay as drawn."
+        },
+    )
     t2i_seed_per_step: bool = field(
         default=True,
         metadata={
@@ -81,6 +89,16 @@ class HarmonTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_task_ratio(self.task_ratio)  # fail early on a malformed ratio
+        unknown = [t for t in self.grouped_tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"group_by_length_tasks names unknown tasks {unknown}; use {TASKS}.")
+
+    @property
+    def grouped_tasks(self) -> list[str]:
+        """`group_by_length_tasks` as a list of task names (`i2t` / `t2i` accepted)."""
+        aliases = {"i2t": IMAGE_TO_TEXT, "t2i": TEXT_TO_IMAGE}
+        names = [part.strip() for part in (self.group_by_length_tasks or "").split(",") if part.strip()]
+        return [aliases.get(name, name) for name in names]
 
 
 class HarmonTrainer(Trainer):
@@ -113,14 +131,26 @@ class HarmonTrainer(Trainer):
             return super().get_train_dataloader()
         args = self.args
         seed = args.data_seed if args.data_seed is not None else args.seed
+        strategy = getattr(args, "train_sampling_strategy", "random")
+        if strategy not in ("random", "sequential", "group_by_length"):
+            raise ValueError(
+                f"train_sampling_strategy={strategy!r} is not supported with mixed-task data; use 'random', "
+                "'sequential' or 'group_by_length'."
+            )
+        lengths = None
+        if strategy == "group_by_length":
+            grouped = getattr(args, "grouped_tasks", [IMAGE_TO_TEXT])
+            lengths = {t: ds.text_lengths() for t, ds in dataset.datasets.items() if t in grouped}
         sampler = MixedTaskBatchSampler(
             dataset.task_sizes(),
             batch_size=self._train_batch_size,
             ratio=getattr(args, "task_ratio", None),
             num_replicas=args.world_size,
             seed=seed,
+            shuffle=strategy != "sequential",
             order=getattr(args, "task_order", "sequential"),
             steps_per_epoch=getattr(args, "steps_per_epoch", None),
+            lengths=lengths,
         )
         dataset.register_sampler(sampler)
         self.train_batch_sampler = sampler
