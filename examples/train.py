@@ -256,10 +256,10 @@ def build_datasets(
         with training_args.main_process_first(desc="VAE latent cache"):
             vae = model.model.vae
             vae.to(training_args.device)
+            batch = training_args.per_device_train_batch_size
             cached: list = []
             for ds in (t2i, i2t):  # understanding copies the tokens of pictures it shares with generation
                 if ds is not None:
-                    batch = training_args.per_device_train_batch_size
                     attach_latent_cache(model, ds, data_args.latent_cache_dir, batch_size=batch, reuse=cached)
                     cached.append(ds)
             vae.to("cpu")

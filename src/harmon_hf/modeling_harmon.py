@@ -481,8 +481,9 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
 
         Understanding part (all optional when only generation inputs are given): `input_ids` `(B, S)` with expanded
         `<image>` placeholders, `pixel_values` `(N_images, 3, H, W)` (or their latent tokens `image_tokens`
-        `(N_images, m, n, C)`), `attention_mask`, `labels` `(B, S)` (-100 = ignored) -> `logits` and `loss_i2t` (token-mean next-token cross-entropy; the gradient into the image features
-        is scaled by `config.grad_scale_image2text`).
+        `(N_images, m, n, C)`), `attention_mask`, `labels` `(B, S)` (-100 = ignored) -> `logits` and `loss_i2t`
+        (token-mean next-token cross-entropy; the gradient into the image features is scaled by
+        `config.grad_scale_image2text`).
 
         Text-to-image part: `generation_input_ids` / `generation_attention_mask` `(B', S')` right-padded prompts and
         `generation_pixel_values` `(B', 3, H, W)` (or `generation_image_tokens` `(B', m, n, C)`) -> `loss_t2i`. Its

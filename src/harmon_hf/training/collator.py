@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ class HarmonDataCollator:
     generator: torch.Generator | None = None
     i2t_max_length: int | None = 512
     t2i_max_length: int | None = 128
+    _rows: dict[tuple, list[int]] = field(default_factory=dict, init=False, repr=False)  # see `_prompt_row`
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.unconditional_prob <= 1.0:
@@ -136,14 +137,13 @@ class HarmonDataCollator:
         tokenizing were most of the time of a text-to-image collate."""
         p = self.processor
         key = (caption, p.chat_template, p.generation_template, p.unconditional_prompt)
-        cache = self.__dict__.setdefault("_rows", {})
-        row = cache.get(key)
+        row = self._rows.get(key)
         if row is None:
             row = p.build_t2i_prompts([self._truncate(caption)], add_unconditional=False, return_tensors=None)
             row = row["input_ids"][0]
-            if len(cache) >= 65536:  # bounded: captions of large datasets rarely repeat
-                cache.clear()
-            cache[key] = row
+            if len(self._rows) >= 65536:  # bounded: captions of large datasets rarely repeat
+                self._rows.clear()
+            self._rows[key] = row
         return list(row)
 
     def _truncate(self, caption: str | None) -> str | None:

@@ -12,6 +12,10 @@ from .data import TASKS
 Key = tuple[str, int, int]
 
 
+# Short task names accepted wherever a task is named (task_ratio, group_by_length_tasks).
+TASK_ALIASES = {"i2t": "image2text", "t2i": "text2image", "und": "image2text", "gen": "text2image"}
+
+
 def parse_task_ratio(ratio: str | Mapping[str, int | float] | None) -> dict[str, int]:
     """`"image2text:1,text2image:4"` (or a dict) -> `{"image2text": 1, "text2image": 4}`; zero entries are dropped.
 
@@ -29,10 +33,9 @@ def parse_task_ratio(ratio: str | Mapping[str, int | float] | None) -> dict[str,
                 raise ValueError(f"task_ratio entries look like 'image2text:1', got {part!r} in {ratio!r}.")
             items[name.strip()] = value.strip()
         ratio = items
-    aliases = {"i2t": "image2text", "t2i": "text2image", "und": "image2text", "gen": "text2image"}
     parsed: dict[str, int] = {}
     for name, value in ratio.items():
-        task = aliases.get(name, name)
+        task = TASK_ALIASES.get(name, name)
         if task not in TASKS:
             raise ValueError(f"Unknown task {name!r} in task_ratio; use {TASKS}.")
         number = float(value)
@@ -192,4 +195,4 @@ class MixedTaskBatchSampler:
         return hash((self.seed, self.epoch, stream, rounds)) % (2**63)
 
 
-__all__ = ["MixedTaskBatchSampler", "parse_task_ratio"]
+__all__ = ["MixedTaskBatchSampler", "TASK_ALIASES", "parse_task_ratio"]

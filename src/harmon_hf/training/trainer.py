@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import seed_worker
 
-from .data import IMAGE_TO_TEXT, TASKS, TEXT_TO_IMAGE, MixedTaskDataset
-from .sampler import MixedTaskBatchSampler, parse_task_ratio
+from .data import IMAGE_TO_TEXT, TASKS, MixedTaskDataset
+from .sampler import TASK_ALIASES, MixedTaskBatchSampler, parse_task_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +95,9 @@ class HarmonTrainingArguments(TrainingArguments):
 
     @property
     def grouped_tasks(self) -> list[str]:
-        """`group_by_length_tasks` as a list of task names (`i2t` / `t2i` accepted)."""
-        aliases = {"i2t": IMAGE_TO_TEXT, "t2i": TEXT_TO_IMAGE}
+        """`group_by_length_tasks` as a list of task names (the short names of `task_ratio` accepted)."""
         names = [part.strip() for part in (self.group_by_length_tasks or "").split(",") if part.strip()]
-        return [aliases.get(name, name) for name in names]
+        return [TASK_ALIASES.get(name, name) for name in names]
 
 
 class HarmonTrainer(Trainer):
