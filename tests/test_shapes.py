@@ -230,6 +230,31 @@ def test_evaluate_with_ground_truth_and_constant_answers(tmp_path):
     assert saved["generation"]["pair"]["n"] == 8 and len(saved["items"]["understanding"]) > 0
 
 
+def test_evaluate_on_the_train_distribution():
+    """`split="train"`: new scenes with only seen objects and layouts (none novel), no targets; bad splits refused."""
+    results = evaluate(
+        ground_truth_generate_fn(SLOTS_WORLD),
+        lambda image, q: "red",
+        n=6,
+        seed=9,
+        world=SLOTS_WORLD,
+        verbose=False,
+        split="train",
+    )
+    assert all(results["generation"][kind]["accuracy"] == 1.0 for kind in KINDS)
+    assert results["config"]["split"] == "train" and results["targets"] == {}
+    assert not any(item["novel"] for item in results["items"]["understanding"])
+    train_captions = {make_scene(i, "train", 0, world=SLOTS_WORLD).caption for i in range(200)}
+    eval_scenes = [make_scene(i, "train", 9, kind, SLOTS_WORLD) for kind in KINDS for i in range(6)]
+    assert all(not SLOTS_WORLD.is_heldout(scene.spec) for scene in eval_scenes)
+    assert [s.render(SLOTS_WORLD).tobytes() for s in eval_scenes[:3]] != [
+        make_scene(i, "train", 0, world=SLOTS_WORLD).render(SLOTS_WORLD).tobytes() for i in range(3)
+    ]
+    assert any(scene.caption in train_captions for scene in eval_scenes)  # seen prompts, new pictures
+    with pytest.raises(ValueError, match="'validation'"):
+        evaluate(None, lambda image, q: "red", n=1, split="validation", verbose=False)
+
+
 def test_normalize_answer():
     assert normalize_answer(" Red.") == "red"
     assert normalize_answer("The circle!") == "circle"

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .data import KINDS, ShapesWorld
+from .eval import EVAL_SPLITS
 
 __all__ = [
     "WORLD_FILE",
@@ -167,10 +168,12 @@ def evaluate_model(
     sampler: str = "default",
     diffusion_steps: int | None = None,
     world: ShapesWorld | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
     """ShapesEval of the model in `folder` on `n` held-out scenes per kind (see `shapes.eval.evaluate` for the
     result layout); the sampling settings and the folder are added under `results["config"]`. `world`: the world
-    of the test scenes (default: the folder's `shapes_world.json`, see `load_world`)."""
+    of the test scenes (default: the folder's `shapes_world.json`, see `load_world`); `split`: `"test"` (held-out
+    scenes) or `"train"` (new scenes of the training distribution; no targets), see `shapes.eval.evaluate`."""
     from .eval import evaluate
 
     unknown = set(tasks) - {"generation", "understanding"}
@@ -200,6 +203,7 @@ def evaluate_model(
         out_json=None,
         image_dir=image_dir,
         verbose=verbose,
+        split=split,
     )
     results["config"].update(
         model=str(folder),
@@ -230,6 +234,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="OUT", help="write the full result (with every item) here")
     parser.add_argument("--images", default=None, metavar="DIR", help="save the generated pictures here")
     parser.add_argument("--seed", type=int, default=1234, help="test-split and sampling seed")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=list(EVAL_SPLITS),
+        help="test: held-out scenes (the targets); train: new scenes drawn like the training data (its objects and "
+        "layouts), to tell a model that does not fit its world from one that does not generalise",
+    )
     parser.add_argument(
         "--tasks", nargs="+", default=["generation", "understanding"], choices=["generation", "understanding"]
     )
@@ -270,6 +281,7 @@ def run(args: argparse.Namespace, folder: str | Path) -> int:
         temperature=args.temperature,
         sampler=args.sampler,
         diffusion_steps=args.diffusion_steps,
+        split=args.split,
         device=device,
         dtype=getattr(torch, args.dtype),
     )
