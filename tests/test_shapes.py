@@ -253,6 +253,10 @@ def test_evaluate_on_the_train_distribution():
     assert any(scene.caption in train_captions for scene in eval_scenes)  # seen prompts, new pictures
     with pytest.raises(ValueError, match="'validation'"):
         evaluate(None, lambda image, q: "red", n=1, split="validation", verbose=False)
+    from harmon_hf.shapes.run_eval import evaluate_model
+
+    with pytest.raises(ValueError, match="'validation'"):  # refused before the (here missing) folder is read
+        evaluate_model("/nonexistent/model", n=1, split="validation")
 
 
 def test_normalize_answer():

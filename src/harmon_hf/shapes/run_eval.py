@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .data import KINDS, ShapesWorld
-from .eval import EVAL_SPLITS
+from .eval import EVAL_SPLITS, evaluate
 
 __all__ = [
     "WORLD_FILE",
@@ -174,11 +174,11 @@ def evaluate_model(
     result layout); the sampling settings and the folder are added under `results["config"]`. `world`: the world
     of the test scenes (default: the folder's `shapes_world.json`, see `load_world`); `split`: `"test"` (held-out
     scenes) or `"train"` (new scenes of the training distribution; no targets), see `shapes.eval.evaluate`."""
-    from .eval import evaluate
-
     unknown = set(tasks) - {"generation", "understanding"}
     if unknown or not tasks:
         raise ValueError(f"tasks must be a non-empty subset of ('generation', 'understanding'), got {list(tasks)}")
+    if split not in EVAL_SPLITS:  # before the model is loaded
+        raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
     if world is None:
         world = load_world(folder)
     pipe, model, processor = load_model(folder, device=device, dtype=dtype)
@@ -218,8 +218,6 @@ def evaluate_model(
         ),
     )
     if out_json is not None:
-        import json
-
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return results
@@ -230,10 +228,10 @@ def evaluate_model(
 # ------------------------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The evaluation options of `harmon-hf eval-shapes` (the CLI adds `--model`, `--device`, `--dtype`)."""
-    parser.add_argument("--n", type=int, default=50, help="held-out scenes per kind (single, pair, count)")
+    parser.add_argument("--n", type=int, default=50, help="scenes per kind (single, pair, count)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the full result (with every item) here")
     parser.add_argument("--images", default=None, metavar="DIR", help="save the generated pictures here")
-    parser.add_argument("--seed", type=int, default=1234, help="test-split and sampling seed")
+    parser.add_argument("--seed", type=int, default=1234, help="scene and sampling seed")
     parser.add_argument(
         "--split",
         default="test",
