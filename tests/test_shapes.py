@@ -353,6 +353,41 @@ def test_vae_layout_and_a_few_steps_lower_the_loss():
 # ------------------------------------------------------------------------------------------------------------------
 # examples/shapes/train.py (the recipe that makes the shipped model)
 # ------------------------------------------------------------------------------------------------------------------
+def test_train_script_takes_a_given_autoencoder(tmp_path):
+    """`train.py --vae SOURCE` puts SOURCE's autoencoder where the training step would (the shipped model's for
+    `default`, the same weights from its pipeline, model or autoencoder folder), refuses to replace a different one,
+    and refuses bad sources and `--vae-steps` with it before writing anything."""
+    pytest.importorskip("diffusers")
+    from harmon_hf.modeling_harmon import HarmonForConditionalGeneration
+    from harmon_hf.shapes.vae import build_vae
+
+    script = load_example("shapes/train.py")
+    shipped = HarmonForConditionalGeneration.from_pretrained(script.DEFAULT_MODEL_DIR / "model").model.vae.state_dict()
+    out = tmp_path / "run"
+    folder = script.take_autoencoder(out, script.load_autoencoder("default"), "default")
+    assert folder == out / "vae" / "vae"
+    for source in (str(script.DEFAULT_MODEL_DIR), str(script.DEFAULT_MODEL_DIR / "model"), str(folder)):
+        weights = script.load_autoencoder(source).state_dict()
+        assert weights.keys() == shipped.keys() and all(torch.equal(weights[k], shipped[k]) for k in shipped)
+    assert script.take_autoencoder(out, script.load_autoencoder(str(folder)), str(folder)) == folder  # same: kept
+    before = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+    other = build_vae((8, 8, 16, 16, 16), norm_num_groups=4)
+    with pytest.raises(ValueError, match="holds another autoencoder than --vae 'other'"):
+        script.take_autoencoder(out, other, "other")
+    assert (folder / "diffusion_pytorch_model.safetensors").read_bytes() == before
+
+    with pytest.raises(ValueError, match="no config.json"):
+        script.load_autoencoder(str(tmp_path / "missing"))
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="neither a diffusers AutoencoderKL nor a Harmon model"):
+        script.load_autoencoder(str(tmp_path / "odd"))
+    for argv in (["--vae", str(tmp_path / "missing")], ["--vae", "default", "--vae-steps", "5"]):
+        with pytest.raises(SystemExit):
+            script.main(["--out", str(tmp_path / "bad"), "--smoke", *argv])
+        assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow
 def test_train_script_smoke_builds_the_configured_model(tmp_path):
     """`train.py --smoke` runs every step (about 30 s): the VAE has model.yaml's widths, each stage trains its

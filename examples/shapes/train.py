@@ -3,6 +3,7 @@
 
     python examples/shapes/train.py --out out/harmon-shapes                 # about 70 minutes on 2 cores (model card)
     python examples/shapes/train.py --out out/harmon-shapes --ship          # ... and install it as the default model
+    python examples/shapes/train.py --out out/hs-repro --vae default        # the shipped weights, byte for byte
     python examples/shapes/train.py --out /tmp/hs-smoke --smoke             # every step in under a minute
 
 The steps (each skipped when its output already exists in OUT, so an interrupted run continues):
@@ -10,7 +11,7 @@ The steps (each skipped when its output already exists in OUT, so an interrupted
 1. `OUT/data`: the Harmon-Shapes train/test splits and the ~500-token tokenizer (`harmon_hf.shapes.data`,
    `harmon_hf.shapes.tokenizer`; seconds).
 2. `OUT/vae`: the kl16-layout autoencoder of `model.yaml`'s `vae:` section (`harmon_hf.shapes.vae.train_vae`;
-   about 14 minutes).
+   about 14 minutes), or with `--vae SOURCE` the autoencoder of SOURCE (`default`: the shipped model's).
 3. `OUT/stage0`: a randomly initialised Harmon of the architecture in `examples/shapes/configs/model.yaml`
    (a small Qwen2 LLM from scratch, a small MAR and diffusion head) with the trained VAE inside, and its processor.
 4. `OUT/stage1`, `OUT/stage2`, `OUT/stage3`: the three Harmon training stages, each run by `examples/train.py`
@@ -106,6 +107,46 @@ def train_autoencoder(out: Path, steps: int, smoke: bool, block_out_channels: tu
             settings.update(steps=20, eval_images=16, log_every=5)
         train_vae(VAETrainingConfig(**settings), folder, log=log)
     return folder / "vae"
+
+
+def load_autoencoder(source: str) -> Any:
+    """The `AutoencoderKL` of `source`: "default" (the shipped model's), a diffusers autoencoder folder, a Harmon
+    model folder or a Harmon pipeline folder (its model/). Raises ValueError naming `source` for anything else."""
+    from diffusers import AutoencoderKL
+
+    from harmon_hf.modeling_harmon import HarmonForConditionalGeneration
+
+    folder = DEFAULT_MODEL_DIR if source == "default" else Path(source)
+    if (folder / "model_index.json").is_file():
+        folder = folder / "model"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"--vae {source!r}: no config.json in {folder} (an autoencoder, model or pipeline folder)")
+    config = json.loads(config_file.read_text())
+    if config.get("_class_name") == "AutoencoderKL":
+        return AutoencoderKL.from_pretrained(folder)
+    if config.get("model_type") == "harmon":
+        return HarmonForConditionalGeneration.from_pretrained(folder).model.vae
+    raise ValueError(f"--vae {source!r}: {config_file} is neither a diffusers AutoencoderKL nor a Harmon model")
+
+
+def take_autoencoder(out: Path, vae: Any, source: str) -> Path:
+    """Step 2 with a given autoencoder (`--vae`): save `vae` as OUT/vae/vae, the folder the training step would
+    write; returns it. A different autoencoder already there is refused (ValueError), not replaced."""
+    from diffusers import AutoencoderKL
+
+    folder = out / "vae" / "vae"
+    if (folder / "config.json").is_file():
+        present = AutoencoderKL.from_pretrained(folder).state_dict()
+        wanted = vae.state_dict()
+        same = present.keys() == wanted.keys() and all(torch.equal(present[k], wanted[k]) for k in wanted)
+        if not same:
+            raise ValueError(f"{folder} holds another autoencoder than --vae {source!r}; remove it or drop --vae")
+        return folder
+    vae.save_pretrained(folder)
+    (out / "vae" / "source.json").write_text(json.dumps({"vae": source}) + "\n")
+    log(f"vae: taken from {source}")
+    return folder
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -315,6 +356,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="where the shapes sit in the pictures (default: model.yaml's `layout`; see ShapesWorld.layout)",
     )
+    parser.add_argument(
+        "--vae",
+        default=None,
+        metavar="SOURCE",
+        help="use this autoencoder instead of training one: 'default' (the shipped model's: with it the script "
+        "reproduces the shipped weights), a diffusers AutoencoderKL folder, or a Harmon model or pipeline folder",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage (checks the script)")
     parser.add_argument("--ship", action="store_true", help="install the result as the package's default model")
     parser.add_argument("--eval", type=int, default=0, metavar="N", help="run ShapesEval on N scenes per kind")
@@ -324,6 +372,14 @@ def main(argv: list[str] | None = None) -> None:
     vae_steps = args.vae_steps if args.vae_steps is not None else int(vae_yaml.get("steps", VAETrainingConfig.steps))
     if vae_steps < 1:
         parser.error(f"--vae-steps must be at least 1, got {vae_steps}")
+    given_vae = None
+    if args.vae is not None:
+        if args.vae_steps is not None:
+            parser.error("--vae takes an autoencoder, --vae-steps trains one: give only one of them")
+        try:
+            given_vae = load_autoencoder(args.vae)
+        except ValueError as error:
+            parser.error(str(error))
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -340,7 +396,10 @@ def main(argv: list[str] | None = None) -> None:
     layout = args.layout or model_yaml.get("layout", "random")
     data, world = make_data(out, 200 if args.smoke else args.train, 30 if args.smoke else args.test, args.seed, layout)
     lap("data")
-    vae_dir = train_autoencoder(out, vae_steps, args.smoke, vae_yaml.get("block_out_channels"))
+    if given_vae is not None:
+        vae_dir = take_autoencoder(out, given_vae, args.vae)
+    else:
+        vae_dir = train_autoencoder(out, vae_steps, args.smoke, vae_yaml.get("block_out_channels"))
     lap("vae")
     stage0 = build_initial_model(out, data, vae_dir, args.seed)
     lap("stage0")
