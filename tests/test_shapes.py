@@ -374,7 +374,11 @@ def test_train_script_takes_a_given_autoencoder(tmp_path):
     other = build_vae((8, 8, 16, 16, 16), norm_num_groups=4)
     with pytest.raises(ValueError, match="holds another autoencoder than --vae 'other'"):
         script.take_autoencoder(out, other, "other")
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit):  # the script refuses it too, and leaves OUT/vae as it was
+        script.main(["--out", str(out), "--smoke", "--vae", str(tmp_path / "other")])
     assert (folder / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert not (out / "stage0").exists()
 
     with pytest.raises(ValueError, match="no config.json"):
         script.load_autoencoder(str(tmp_path / "missing"))

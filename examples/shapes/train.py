@@ -397,7 +397,10 @@ def main(argv: list[str] | None = None) -> None:
     data, world = make_data(out, 200 if args.smoke else args.train, 30 if args.smoke else args.test, args.seed, layout)
     lap("data")
     if given_vae is not None:
-        vae_dir = take_autoencoder(out, given_vae, args.vae)
+        try:
+            vae_dir = take_autoencoder(out, given_vae, args.vae)
+        except ValueError as error:
+            parser.error(str(error))
     else:
         vae_dir = train_autoencoder(out, vae_steps, args.smoke, vae_yaml.get("block_out_channels"))
     lap("vae")
