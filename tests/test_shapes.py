@@ -23,6 +23,7 @@ from harmon_hf.shapes.data import (
     make_scene,
     parse_prompt,
     write_dataset,
+    write_ordered_captions,
 )
 from harmon_hf.shapes.eval import (
     DetectionAnswerer,
@@ -127,6 +128,47 @@ def test_parse_prompt_round_trip():
                 assert parsed == spec
     assert parse_prompt("Two Red Circles.") == PromptSpec("count", (ObjectSpec("red", "circle"),), count=2)
     assert parse_prompt("a pink hexagon") is None
+
+
+def test_ordered_phrasing_names_the_left_or_top_object_first():
+    seen = set()
+    for i in range(60):
+        spec = make_scene(i, "train", seed=4, kind="pair").spec
+        ordered = spec.ordered()
+        seen.add(spec.relation)
+        assert ordered.relation in ("left", "above") and ordered.ordered_pair() == spec.ordered_pair()
+        assert ordered.objects[0] == spec.ordered_pair()[1]  # the object named first is the left / top one
+        assert (ordered == spec) == (spec.relation in ("left", "above"))
+        assert parse_prompt(ordered.caption()) == ordered and ordered.ordered() == ordered
+    assert seen == {"left", "right", "above", "below"}
+    for kind in ("single", "count"):
+        spec = make_scene(0, "train", seed=4, kind=kind).spec
+        assert spec.ordered() is spec
+
+
+def test_ordered_captions_read_the_same_pictures(tmp_path):
+    training_data = pytest.importorskip("harmon_hf.training.data")
+    write_dataset(tmp_path, 40, "train", seed=1)
+    records = json.loads((tmp_path / "captions.json").read_text())
+    (plain,) = training_data.load_source(tmp_path)
+    (ordered,) = training_data.load_source(tmp_path / "ordered")
+    assert len(plain) == len(ordered) == 40
+    flipped = 0
+    for i, record in enumerate(records):
+        a, b = plain.record(i), ordered.record(i)
+        assert Path(a.image).resolve() == Path(b.image).resolve() and a.text == record["caption"]
+        spec = PromptSpec.from_dict(record["spec"])
+        assert b.text == spec.ordered().caption() == record["caption_ordered"]
+        flipped += b.text != a.text
+    assert flipped == sum(PromptSpec.from_dict(r["spec"]).relation in ("right", "below") for r in records) > 0
+    # a folder written before ordered captions existed gains them, the same as written now
+    expected = _folder_digest(tmp_path)
+    for record in records:
+        del record["caption_ordered"]
+    (tmp_path / "captions.json").write_text(json.dumps(records))
+    (tmp_path / "ordered" / "data_info.json").unlink()
+    assert write_ordered_captions(tmp_path) == flipped
+    assert _folder_digest(tmp_path) == expected
 
 
 SLOTS_WORLD = ShapesWorld(layout="slots")
@@ -393,6 +435,25 @@ def test_train_script_takes_a_given_autoencoder(tmp_path):
 
 
 @pytest.mark.slow
+def test_train_script_caption_curriculum_picks_the_ordered_data(tmp_path):
+    training_data = pytest.importorskip("harmon_hf.training.data")
+    script = load_example("shapes/train.py")
+    write_dataset(tmp_path / "train", 12, "train", seed=2)
+    for name, _, _, stage_captions in script.STAGES:
+        assert script.stage_data(tmp_path, stage_captions, "all") == tmp_path / "train"
+        folder = script.stage_data(tmp_path, stage_captions, "curriculum")
+        assert folder == (tmp_path / "train" / "ordered" if name != "stage3" else tmp_path / "train")
+        (source,) = training_data.load_source(folder / "data_info.json")
+        key = "caption_ordered" if folder.name == "ordered" else "caption"
+        records = json.loads((tmp_path / "train" / "captions.json").read_text())
+        assert [source.record(i).text for i in range(len(source))] == [r[key] for r in records]
+    with pytest.raises(ValueError, match="'sorted'"):
+        script.stage_data(tmp_path, "ordered", "sorted")
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(tmp_path / "bad"), "--captions", "sorted"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_train_script_smoke_builds_the_configured_model(tmp_path):
     """`train.py --smoke` runs every step (about 30 s): the VAE has model.yaml's widths, each stage trains its
     configured steps from the previous stage, and the pipeline folder loads, with the training world beside it."""
@@ -411,7 +472,7 @@ def test_train_script_smoke_builds_the_configured_model(tmp_path):
     assert vae_config["block_out_channels"] == model_yaml["vae"]["block_out_channels"]
     report = json.loads((out / "train_report.json").read_text())
     assert set(report["seconds"]) == {"data", "vae", "stage0", "stages", "pipeline"}
-    for name, _, _ in script.STAGES:
+    for name, *_ in script.STAGES:
         merged = yaml.safe_load((out / f"{name}.yaml").read_text())
         assert merged["max_steps"] == script.SMOKE_OVERRIDES["max_steps"]
         state = json.loads((out / name / "trainer_state.json").read_text())

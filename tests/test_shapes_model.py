@@ -174,3 +174,35 @@ def test_binding_probe_on_the_shipped_model(tmp_path: Path) -> None:
         assert 0.9 < result["other axis"][side] < 1.4
     with pytest.raises(SystemExit):
         probe.main(["--colours", "red", "red", "--shapes", "circle", "circle"])
+
+
+def test_order_probe_labels_and_a_short_run(tmp_path: Path) -> None:
+    """examples/shapes/order_probe.py: each token's label is the object of its half (the relation word and the
+    phrasing decide which), a short run trains and reports, and bad arguments are refused."""
+    from harmon_hf.shapes.data import PALETTE, SHAPES, ObjectSpec, PromptSpec
+
+    probe = load_example("shapes/order_probe.py")
+    colours, shapes = list(PALETTE), list(SHAPES)
+    red, blue = ObjectSpec("red", "circle"), ObjectSpec("blue", "square")
+    left = probe.side_labels(PromptSpec("pair", (red, blue), relation="left"), colours, shapes).reshape(4, 4)
+    right = probe.side_labels(PromptSpec("pair", (blue, red), relation="right"), colours, shapes).reshape(4, 4)
+    above = probe.side_labels(PromptSpec("pair", (red, blue), relation="above"), colours, shapes).reshape(4, 4)
+    red_id, blue_id = (
+        colours.index("red") * 3 + shapes.index("circle"),
+        colours.index("blue") * 3 + shapes.index("square"),
+    )
+    assert torch.equal(left, right)
+    assert (left[:, :2] == red_id).all() and (left[:, 2:] == blue_id).all()
+    assert (above[:2] == red_id).all() and (above[2:] == blue_id).all()
+
+    out = tmp_path / "history.json"
+    history = probe.main(["--steps", "2", "--batch", "4", "--eval-n", "4", "--log", "1", "--json", str(out)])
+    assert [row["step"] for row in history] == [1, 2] and json.loads(out.read_text()) == history
+    assert all(0.0 <= row[k] <= 1.0 for row in history for k in ("train_token", "test_token", "test_all"))
+    assert torch.isfinite(torch.tensor([row["loss"] for row in history])).all()
+    frozen = probe.main(["--init", "shipped", "--linear", "--steps", "1", "--batch", "4", "--eval-n", "4"])
+    assert len(frozen) == 1
+    bad_runs = (["--steps", "0"], ["--init", "shipped", "--layers", "6"], ["--layers", "-1"], ["--linear"])
+    for bad in bad_runs + (["--init", str(tmp_path)],):
+        with pytest.raises(SystemExit):
+            probe.main(bad)

@@ -5,6 +5,7 @@
     python examples/shapes/train.py --out out/harmon-shapes --ship          # ... and install it as the default model
     python examples/shapes/train.py --out out/hs-repro --vae default        # the shipped weights, byte for byte
     python examples/shapes/train.py --out /tmp/hs-smoke --smoke             # every step in under a minute
+    python examples/shapes/train.py --out out/hs-curr --captions curriculum # stages I-II on ordered pair captions
 
 The steps (each skipped when its output already exists in OUT, so an interrupted run continues):
 
@@ -18,6 +19,8 @@ The steps (each skipped when its output already exists in OUT, so an interrupted
    (the project's Trainer script) with the upstream stage preset (`examples/configs/stage*.yaml`) updated by the
    shapes overrides (`examples/shapes/configs/stage*.yaml`); the merged file is saved as `OUT/stageN.yaml`.
    Stage 1 aligns with the LLM frozen, stage 2 trains everything, stage 3 anneals everything at a lower rate.
+   With `--captions curriculum`, stages 1 and 2 read `OUT/data/train/ordered` (the same pictures, every pair caption
+   naming its left / top object first) and stage 3 both phrasings; the default trains on both throughout.
 5. `OUT/harmon-shapes`: the `HarmonPipeline` folder (model/, scheduler/, processor/, model_index.json), what
    `harmon_hf.default_model` ships; `--ship` copies it into `src/harmon_hf/default_model/harmon-shapes`.
 6. With `--eval N`: ShapesEval on N held-out scenes per kind (`OUT/shapes_eval.json`).
@@ -44,12 +47,16 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 PRESETS = REPO / "examples" / "configs"
 DEFAULT_MODEL_DIR = REPO / "src" / "harmon_hf" / "default_model" / "harmon-shapes"
 
-# (name, upstream preset, shapes overrides)
-STAGES: tuple[tuple[str, str, str], ...] = (
-    ("stage1", "stage1_alignment.yaml", "stage1.yaml"),
-    ("stage2", "stage2_full.yaml", "stage2.yaml"),
-    ("stage3", "stage3_high_quality.yaml", "stage3.yaml"),
+# (name, upstream preset, shapes overrides, captions under --captions curriculum). The captions of text-to-image and
+# captioning: "ordered" (every pair phrased with its left / top object first, `PromptSpec.ordered`) or "all" (both
+# phrasings, as written). With both phrasings a pair's sides depend on the word order and the relation word together
+# (an XOR), which a model trained from scratch does not pick up in this budget (examples/shapes/order_probe.py).
+STAGES: tuple[tuple[str, str, str, str], ...] = (
+    ("stage1", "stage1_alignment.yaml", "stage1.yaml", "ordered"),
+    ("stage2", "stage2_full.yaml", "stage2.yaml", "ordered"),
+    ("stage3", "stage3_high_quality.yaml", "stage3.yaml", "all"),
 )
+CAPTIONS = ("all", "curriculum")  # --captions: both phrasings in every stage (the shipped recipe), or STAGES' column
 
 # --smoke: the same steps, a few optimizer steps each (checks the script, not the model).
 SMOKE_OVERRIDES: dict[str, Any] = {"max_steps": 3, "logging_steps": 1, "per_device_train_batch_size": 4}
@@ -72,7 +79,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
 def make_data(out: Path, train: int, test: int, seed: int = 0, layout: str = "random") -> tuple[Path, Any]:
     """Write OUT/data/{train,test,tokenizer} unless present (`layout`: see `ShapesWorld.layout`); returns the data
     folder and its `ShapesWorld`."""
-    from harmon_hf.shapes.data import ShapesWorld, write_dataset
+    from harmon_hf.shapes.data import ShapesWorld, write_dataset, write_ordered_captions
     from harmon_hf.shapes.tokenizer import save_tokenizer
 
     data = out / "data"
@@ -83,6 +90,8 @@ def make_data(out: Path, train: int, test: int, seed: int = 0, layout: str = "ra
             # an interrupted run continues only in the world it started in
             if ShapesWorld.from_dict(json.loads(written.read_text(encoding="utf-8"))["world"]) != world:
                 raise ValueError(f"{written} holds another world than this run's (layout {layout!r}); use a new --out")
+            if not (data / split / "ordered" / "data_info.json").is_file():  # written before ordered captions
+                write_ordered_captions(data / split)
         else:
             summary = write_dataset(data / split, n, split=split, seed=seed, world=world)
             log(f"data: {split} {summary['num_images']} pictures, {summary['num_questions']} questions")
@@ -265,17 +274,28 @@ def stage_config(preset: str, overrides: str, smoke: bool) -> dict[str, Any]:
     return config
 
 
-def run_stages(out: Path, data: Path, start: Path, smoke: bool) -> Path:
-    """Stages 1-3 in turn, each starting from the previous stage's output folder."""
+def stage_data(data: Path, stage_captions: str, captions: str) -> Path:
+    """The dataset folder a stage reads for text-to-image and captioning: `data/train`, or `data/train/ordered` for
+    an "ordered" stage under `--captions curriculum`."""
+    if captions not in CAPTIONS:
+        raise ValueError(f"captions must be one of {CAPTIONS}, got {captions!r}")
+    ordered = captions == "curriculum" and stage_captions == "ordered"
+    return data / "train" / "ordered" if ordered else data / "train"
+
+
+def run_stages(out: Path, data: Path, start: Path, smoke: bool, captions: str = "all") -> Path:
+    """Stages 1-3 in turn, each starting from the previous stage's output folder (`captions`: see `CAPTIONS`)."""
+    stage_data(data, "all", captions)  # a bad value fails before the first stage
     train_main = _train_main()
     previous = start
-    for name, preset, overrides in STAGES:
+    for name, preset, overrides, stage_captions in STAGES:
         folder = out / name
         if (folder / "config.json").is_file() and (folder / "processor_config.json").is_file():
             log(f"{name}: done before, kept")
             previous = folder
             continue
         config = stage_config(preset, overrides, smoke)
+        pictures = stage_data(data, stage_captions, captions)
         merged = out / f"{name}.yaml"
         merged.write_text(yaml.safe_dump(config, sort_keys=False))
         argv = [
@@ -286,15 +306,18 @@ def run_stages(out: Path, data: Path, start: Path, smoke: bool) -> Path:
             str(folder),
             "--i2t_data",
             str(data / "train" / "conversations_multiturn.json"),
-            str(data / "train" / "data_info.json"),
+            str(pictures / "data_info.json"),
             "--t2i_data",
-            str(data / "train" / "data_info.json"),
+            str(pictures / "data_info.json"),
             "--latent_cache_dir",
             str(out / "latent_cache"),
         ]
         if list(folder.glob("checkpoint-*")):
             argv += ["--resume_from_checkpoint", "last"]  # an interrupted run continues where it stopped
-        log(f"{name}: {preset} + shapes/configs/{overrides} ({config['max_steps']} steps)")
+        log(
+            f"{name}: {preset} + shapes/configs/{overrides} ({config['max_steps']} steps, "
+            f"{'ordered' if pictures.name == 'ordered' else 'all'} captions)"
+        )
         start_time = time.perf_counter()
         train_main(argv)
         log(f"{name}: done in {(time.perf_counter() - start_time) / 60:.1f} min")
@@ -363,6 +386,14 @@ def main(argv: list[str] | None = None) -> None:
         help="use this autoencoder instead of training one: 'default' (the shipped model's: with it the script "
         "reproduces the shipped weights), a diffusers AutoencoderKL folder, or a Harmon model or pipeline folder",
     )
+    parser.add_argument(
+        "--captions",
+        choices=CAPTIONS,
+        default="all",
+        help="pair captions of the stages: 'all' (both phrasings in every stage: the shipped recipe) or 'curriculum' "
+        "(stages I-II name the left / top object first, stage III both phrasings; measured, not shipped: see the "
+        "model card)",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage (checks the script)")
     parser.add_argument("--ship", action="store_true", help="install the result as the package's default model")
     parser.add_argument("--eval", type=int, default=0, metavar="N", help="run ShapesEval on N scenes per kind")
@@ -406,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     lap("vae")
     stage0 = build_initial_model(out, data, vae_dir, args.seed)
     lap("stage0")
-    final_stage = run_stages(out, data, stage0, args.smoke)
+    final_stage = run_stages(out, data, stage0, args.smoke, args.captions)
     lap("stages")
     pipeline_dir = out / "harmon-shapes"
     report["weights_bytes"] = save_pipeline(final_stage, pipeline_dir, world.to_dict())

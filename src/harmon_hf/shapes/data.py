@@ -187,6 +187,16 @@ class PromptSpec:
         first, second = (a, b) if self.relation in ("left", "above") else (b, a)
         return self.axis or "", first, second
 
+    def ordered(self) -> PromptSpec:
+        """The same scene phrased so that the object named first is the left / top one ("B to the right of A" ->
+        "A to the left of B"; "B below A" -> "A above B"); singles, counts and left / above pairs are returned as
+        they are. The recipe's first stages train on these captions: then the object's side follows from the word
+        order alone, where with both phrasings it depends on the order and the relation word together."""
+        flipped = {"right": "left", "below": "above"}
+        if self.relation not in flipped:
+            return self
+        return PromptSpec("pair", self.objects[::-1], relation=flipped[self.relation])
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         return {
@@ -709,6 +719,34 @@ def _dump(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def write_ordered_captions(out_dir: str | Path) -> int:
+    """Add `caption_ordered` (the caption of `PromptSpec.ordered()`) to every record of `out_dir/captions.json` and
+    write `out_dir/ordered/data_info.json`, which reads the same pictures with that caption. Idempotent; a dataset
+    folder written before ordered captions existed gains them.
+
+    Returns:
+        How many captions were rephrased (the right / below pairs).
+    """
+    out = Path(out_dir)
+    records = json.loads((out / "captions.json").read_text(encoding="utf-8"))
+    rephrased = 0
+    for record in records:
+        spec = PromptSpec.from_dict(record["spec"])
+        record["caption_ordered"] = spec.ordered().caption()
+        rephrased += record["caption_ordered"] != record["caption"]
+    _dump(out / "captions.json", records)
+    split = records[0]["split"] if records else "empty"
+    info = {
+        "annotations": "../captions.json",
+        "image_folder": "..",
+        "caption_key": "caption_ordered",
+        "name": f"shapes-{split}-ordered",
+    }
+    (out / "ordered").mkdir(exist_ok=True)
+    _dump(out / "ordered" / "data_info.json", {"datasets": [info]})
+    return rephrased
+
+
 def write_dataset(
     out_dir: str | Path,
     n: int,
@@ -722,16 +760,20 @@ def write_dataset(
     Files written::
 
         images/000000.png ...        the pictures (RGB PNG, `world.resolution` px)
-        captions.json                JSON list: {"image", "caption", "qa": [[q, a], ...], "qa_types", "kind",
-                                     "spec", "shapes", "novel", "split", "index"}
+        captions.json                JSON list: {"image", "caption", "caption_ordered", "qa": [[q, a], ...],
+                                     "qa_types", "kind", "spec", "shapes", "novel", "split", "index"}
+                                     (`caption_ordered`: the caption of `PromptSpec.ordered()`)
         data_info.json               upstream layout: {"datasets": [{"annotations": "captions.json",
                                      "image_folder": ".", "caption_key": "caption"}]} (text-to-image and captioning)
+        ordered/data_info.json       the same pictures with `caption_ordered` as the caption (pairs always phrased
+                                     left / above first)
         metadata.jsonl               🤗 imagefolder rows {"file_name", "text", "qa"}
         conversations.json           LLaVA list, one question per entry (understanding)
         conversations_multiturn.json LLaVA list, all questions of an image in one conversation (shuffled order)
         world.json                   the world parameters, split, seed and counts
 
-    `load_source(out_dir)` (training/data.py) reads `data_info.json`; pass `out_dir/metadata.jsonl` for the image
+    `load_source(out_dir)` (training/data.py) reads `data_info.json` (`load_source(out_dir / "ordered")` the
+    ordered captions); pass `out_dir/metadata.jsonl` for the image
     folder, `out_dir/conversations.json` for the question/answer data.
 
     Returns:
@@ -761,6 +803,7 @@ def write_dataset(
     (out / "metadata.jsonl").write_text("\n".join(metadata_lines) + "\n", encoding="utf-8")
     info = {"annotations": "captions.json", "image_folder": ".", "caption_key": "caption", "name": f"shapes-{split}"}
     _dump(out / "data_info.json", {"datasets": [info]})
+    write_ordered_captions(out)
     summary = {
         "split": split,
         "seed": seed,
