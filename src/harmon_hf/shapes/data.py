@@ -190,8 +190,9 @@ class PromptSpec:
     def ordered(self) -> PromptSpec:
         """The same scene phrased so that the object named first is the left / top one ("B to the right of A" ->
         "A to the left of B"; "B below A" -> "A above B"); singles, counts and left / above pairs are returned as
-        they are. The recipe's first stages train on these captions: then the object's side follows from the word
-        order alone, where with both phrasings it depends on the order and the relation word together."""
+        they are. `examples/shapes/train.py --captions curriculum` trains its first stages on these captions: then an
+        object's side follows from the word order alone, where with both phrasings it depends on the order and the
+        relation word together."""
         flipped = {"right": "left", "below": "above"}
         if self.relation not in flipped:
             return self
@@ -734,7 +735,10 @@ def write_ordered_captions(out_dir: str | Path) -> int:
         spec = PromptSpec.from_dict(record["spec"])
         record["caption_ordered"] = spec.ordered().caption()
         rephrased += record["caption_ordered"] != record["caption"]
-    _dump(out / "captions.json", records)
+    # written beside and renamed over: an interruption leaves the old list whole, never half a file
+    partial = out / "captions.json.partial"
+    _dump(partial, records)
+    partial.replace(out / "captions.json")
     split = records[0]["split"] if records else "empty"
     info = {
         "annotations": "../captions.json",
