@@ -285,17 +285,17 @@ def stage_data(data: Path, stage_captions: str, captions: str) -> Path:
 
 def run_stages(out: Path, data: Path, start: Path, smoke: bool, captions: str = "all") -> Path:
     """Stages 1-3 in turn, each starting from the previous stage's output folder (`captions`: see `CAPTIONS`)."""
-    stage_data(data, "all", captions)  # a bad value fails before the first stage
+    pictures_of = {name: stage_data(data, stage_captions, captions) for name, *_, stage_captions in STAGES}
     train_main = _train_main()
     previous = start
-    for name, preset, overrides, stage_captions in STAGES:
+    for name, preset, overrides, _ in STAGES:
         folder = out / name
         if (folder / "config.json").is_file() and (folder / "processor_config.json").is_file():
             log(f"{name}: done before, kept")
             previous = folder
             continue
         config = stage_config(preset, overrides, smoke)
-        pictures = stage_data(data, stage_captions, captions)
+        pictures = pictures_of[name]
         merged = out / f"{name}.yaml"
         merged.write_text(yaml.safe_dump(config, sort_keys=False))
         argv = [

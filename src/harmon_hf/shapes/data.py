@@ -421,6 +421,7 @@ class Scene:
             "novel": self.novel,
             "split": self.split,
             "index": self.index,
+            "caption_ordered": self.spec.ordered().caption(),
         }
 
 
@@ -720,26 +721,7 @@ def _dump(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_ordered_captions(out_dir: str | Path) -> int:
-    """Add `caption_ordered` (the caption of `PromptSpec.ordered()`) to every record of `out_dir/captions.json` and
-    write `out_dir/ordered/data_info.json`, which reads the same pictures with that caption. Idempotent; a dataset
-    folder written before ordered captions existed gains them.
-
-    Returns:
-        How many captions were rephrased (the right / below pairs).
-    """
-    out = Path(out_dir)
-    records = json.loads((out / "captions.json").read_text(encoding="utf-8"))
-    rephrased = 0
-    for record in records:
-        spec = PromptSpec.from_dict(record["spec"])
-        record["caption_ordered"] = spec.ordered().caption()
-        rephrased += record["caption_ordered"] != record["caption"]
-    # written beside and renamed over: an interruption leaves the old list whole, never half a file
-    partial = out / "captions.json.partial"
-    _dump(partial, records)
-    partial.replace(out / "captions.json")
-    split = records[0]["split"] if records else "empty"
+def _write_ordered_info(out: Path, split: str) -> None:
     info = {
         "annotations": "../captions.json",
         "image_folder": "..",
@@ -748,6 +730,27 @@ def write_ordered_captions(out_dir: str | Path) -> int:
     }
     (out / "ordered").mkdir(exist_ok=True)
     _dump(out / "ordered" / "data_info.json", {"datasets": [info]})
+
+
+def write_ordered_captions(out_dir: str | Path) -> int:
+    """Give a dataset folder written before ordered captions existed what `write_dataset` now writes: the
+    `caption_ordered` field (the caption of `PromptSpec.ordered()`) in every record of `out_dir/captions.json`, and
+    `out_dir/ordered/data_info.json`, which reads the same pictures with that caption. Idempotent.
+
+    Returns:
+        How many captions were rephrased (the right / below pairs).
+    """
+    out = Path(out_dir)
+    records = json.loads((out / "captions.json").read_text(encoding="utf-8"))
+    rephrased = 0
+    for record in records:
+        record["caption_ordered"] = PromptSpec.from_dict(record["spec"]).ordered().caption()
+        rephrased += record["caption_ordered"] != record["caption"]
+    # written beside and renamed over: an interruption leaves the old list whole, never half a file
+    partial = out / "captions.json.partial"
+    _dump(partial, records)
+    partial.replace(out / "captions.json")
+    _write_ordered_info(out, records[0]["split"] if records else "empty")
     return rephrased
 
 
@@ -764,8 +767,8 @@ def write_dataset(
     Files written::
 
         images/000000.png ...        the pictures (RGB PNG, `world.resolution` px)
-        captions.json                JSON list: {"image", "caption", "caption_ordered", "qa": [[q, a], ...],
-                                     "qa_types", "kind", "spec", "shapes", "novel", "split", "index"}
+        captions.json                JSON list: {"image", "caption", "qa": [[q, a], ...], "qa_types", "kind",
+                                     "spec", "shapes", "novel", "split", "index", "caption_ordered"}
                                      (`caption_ordered`: the caption of `PromptSpec.ordered()`)
         data_info.json               upstream layout: {"datasets": [{"annotations": "captions.json",
                                      "image_folder": ".", "caption_key": "caption"}]} (text-to-image and captioning)
@@ -807,7 +810,7 @@ def write_dataset(
     (out / "metadata.jsonl").write_text("\n".join(metadata_lines) + "\n", encoding="utf-8")
     info = {"annotations": "captions.json", "image_folder": ".", "caption_key": "caption", "name": f"shapes-{split}"}
     _dump(out / "data_info.json", {"datasets": [info]})
-    write_ordered_captions(out)
+    _write_ordered_info(out, split)
     summary = {
         "split": split,
         "seed": seed,
