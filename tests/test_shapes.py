@@ -454,6 +454,37 @@ def test_train_script_caption_curriculum_picks_the_ordered_data(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_train_script_restarts_only_the_position_tables():
+    """model.yaml's `mar: position_init_std` redraws the MAR's three position tables at that spread from a generator
+    of their own (the same seed gives the same tables) and leaves every other initial weight as it was."""
+    from harmon_hf.configuration_harmon import HarmonConfig
+    from harmon_hf.default_model import default_model_path
+    from harmon_hf.modeling_harmon import HarmonForConditionalGeneration
+
+    script = load_example("shapes/train.py")
+    torch.manual_seed(0)
+    model = HarmonForConditionalGeneration(HarmonConfig.from_pretrained(default_model_path() / "model"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    script.restart_position_tables(model, None, seed=0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+    script.restart_position_tables(model, 0.5, seed=3)
+    after = model.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {
+        f"model.mar.{name}" for name in script.POSITION_TABLES
+    }
+    tables = {name: getattr(model.model.mar, name).detach().clone() for name in script.POSITION_TABLES}
+    for table in tables.values():
+        assert table.std().item() == pytest.approx(0.5, rel=0.05)
+        assert before["model.mar.encoder_pos_embed_learned"].std().item() < 0.03  # upstream's 0.02 before
+    script.restart_position_tables(model, 0.5, seed=3)
+    assert all(torch.equal(table, getattr(model.model.mar, name)) for name, table in tables.items())
+    for bad in (0.0, -0.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="position_init_std"):
+            script.restart_position_tables(model, bad, seed=3)
+    assert all(torch.equal(table, getattr(model.model.mar, name)) for name, table in tables.items())
+
+
 def test_train_script_smoke_builds_the_configured_model(tmp_path):
     """`train.py --smoke` runs every step (about 30 s): the VAE has model.yaml's widths, each stage trains its
     configured steps from the previous stage, and the pipeline folder loads, with the training world beside it."""

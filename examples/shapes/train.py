@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Reproduce Harmon-Shapes, the embedded default model, from scratch on CPU (issue #7).
 
-    python examples/shapes/train.py --out out/harmon-shapes                 # about 70 minutes on 2 cores (model card)
+    python examples/shapes/train.py --out out/harmon-shapes                 # the shipped weights, 50-80 min on 2 cores
     python examples/shapes/train.py --out out/harmon-shapes --ship          # ... and install it as the default model
-    python examples/shapes/train.py --out out/hs-repro --vae default        # the shipped weights, byte for byte
+    python examples/shapes/train.py --out out/hs-repro --vae default        # the shipped autoencoder, then the stages
     python examples/shapes/train.py --out /tmp/hs-smoke --smoke             # every step in under a minute
     python examples/shapes/train.py --out out/hs-curr --captions curriculum # stages I-II on ordered pair captions
 
@@ -14,7 +14,8 @@ The steps (each skipped when its output already exists in OUT, so an interrupted
 2. `OUT/vae`: the kl16-layout autoencoder of `model.yaml`'s `vae:` section (`harmon_hf.shapes.vae.train_vae`;
    about 14 minutes), or with `--vae SOURCE` the autoencoder of SOURCE (`default`: the shipped model's).
 3. `OUT/stage0`: a randomly initialised Harmon of the architecture in `examples/shapes/configs/model.yaml`
-   (a small Qwen2 LLM from scratch, a small MAR and diffusion head) with the trained VAE inside, and its processor.
+   (a small Qwen2 LLM from scratch, a small MAR and diffusion head; the MAR's position tables drawn at model.yaml's
+   `position_init_std`) with the trained VAE inside, and its processor.
 4. `OUT/stage1`, `OUT/stage2`, `OUT/stage3`: the three Harmon training stages, each run by `examples/train.py`
    (the project's Trainer script) with the upstream stage preset (`examples/configs/stage*.yaml`) updated by the
    shapes overrides (`examples/shapes/configs/stage*.yaml`); the merged file is saved as `OUT/stageN.yaml`.
@@ -237,6 +238,7 @@ def build_initial_model(out: Path, data: Path, vae_dir: Path, seed: int) -> Path
     config = build_config(model_yaml, dict(vae.config), processor.tokenizer, processor.image_token_id)
     torch.manual_seed(seed)
     model = HarmonForConditionalGeneration(config)
+    restart_position_tables(model, model_yaml["mar"].get("position_init_std"), seed)
     model.model.vae.load_state_dict(vae.state_dict())
     # Understanding answers end at <|im_end|>; pad with <|endoftext|> as Qwen2.5 does.
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
@@ -251,6 +253,24 @@ def build_initial_model(out: Path, data: Path, vae_dir: Path, seed: int) -> Path
 
 
 _PARTS = ("language_model", "mar", "diffusion_head", "proj_in", "proj_out", "vae")
+POSITION_TABLES = ("encoder_pos_embed_learned", "decoder_pos_embed_learned", "diffusion_pos_embed_learned")
+
+
+def restart_position_tables(model: Any, std: float | None, seed: int) -> None:
+    """Draw the MAR's three learned position tables from N(0, `std`) (None: keep upstream's N(0, 0.02)).
+
+    Upstream's tables start 25 times smaller than the token embeddings they are added to, which a MAR trained from
+    scratch takes long to grow (model.yaml's `position_init_std` comment has the measurements). Drawn from a
+    generator of their own, so every other initial weight stays as it was."""
+    if std is None:
+        return
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0:
+        raise ValueError(f"mar.position_init_std must be a positive number or absent, got {std!r}")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in POSITION_TABLES:
+            table = getattr(model.model.mar, name)
+            table.copy_(torch.randn(table.shape, generator=generator) * std)
 
 
 # ------------------------------------------------------------------------------------------------------------------
