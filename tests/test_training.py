@@ -3,6 +3,7 @@ tiny end-to-end Trainer runs (loss drop, resume equality, 2-process CPU run)."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -642,6 +643,25 @@ def test_latent_cache_gives_the_same_loss(tmp_path, processor):
     # the broken examples are substituted, the cache file is reused
     assert ds[len(COLORS)]["num_skipped"] >= 1
     assert attach_latent_cache(model, ds, tmp_path / "cache").path == cache.path
+
+
+def test_latent_cache_runs_the_vae_where_the_vae_is(tmp_path, processor):
+    """examples/train.py moves only the VAE to the accelerator for the cache pass: the pictures must go to the VAE's
+    device, not to the first parameter's (found on a GPU, where it crashed). Here the rest of the model sits on the
+    meta device, so encoding on the wrong device would fail."""
+    folder = make_shapes_folder(tmp_path / "shapes", broken=False)
+    model = tiny_model().eval()
+    ds = build_task_dataset([folder], TEXT_TO_IMAGE, processor.image_processor, resolution=64, t2i_crop="center")
+    reference = attach_latent_cache(model, ds, tmp_path / "reference")
+    expected = [reference.get(i) for i in range(len(ds))]
+    vae = copy.deepcopy(model.model.vae)
+    model.to("meta")
+    model.model.vae = vae
+    assert next(model.parameters()).device.type == "meta"
+    cache = attach_latent_cache(model, ds, tmp_path / "cache")
+    assert all(t is not None for t in expected)
+    for index, tokens in enumerate(expected):
+        torch.testing.assert_close(cache.get(index), tokens)
 
 
 @requires_scheduler

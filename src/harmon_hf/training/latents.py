@@ -127,7 +127,8 @@ def build_latent_cache(
             if key is not None:
                 donors.setdefault(key, (other, index))
     n = len(dataset)
-    device = next(model.parameters()).device
+    # the VAE's own device: a training script moves only the VAE to the accelerator for this pass
+    device = next(model.model.vae.parameters()).device
     rows = torch.full((n,), -1, dtype=torch.long)
     unique: list[torch.Tensor | None] = []  # token rows; None until the pending batch is encoded
     row_of_key: dict[str, int] = {}
