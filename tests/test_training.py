@@ -664,6 +664,45 @@ def test_latent_cache_runs_the_vae_where_the_vae_is(tmp_path, processor):
         torch.testing.assert_close(cache.get(index), tokens)
 
 
+def test_min_snr_weighting_of_the_text_to_image_loss(processor):
+    """`diffusion_head_config.snr_gamma` weighs each row's noise MSE by min(SNR, gamma) / SNR and leaves the VB term:
+    the loss equals that sum computed from the returned terms, an unreachable gamma gives upstream's loss, and a bad
+    gamma is refused by the config."""
+    base = tiny_model().eval()
+    examples = [
+        {"task": TEXT_TO_IMAGE, "pixel_values": torch.rand(3, 64, 64) * 2 - 1, "caption": f"shape {i}"}
+        for i in range(2)
+    ]
+    batch = HarmonDataCollator(processor, unconditional_prob=0.0)(examples)
+    inputs = dict(
+        input_ids=batch["generation_input_ids"],
+        attention_mask=batch["generation_attention_mask"],
+        pixel_values=batch["generation_pixel_values"],
+    )
+    results = {}
+    for gamma in (None, 5.0, 1e30):
+        config = HarmonConfig.from_dict({**base.config.to_dict()})
+        config.diffusion_head_config.snr_gamma = gamma
+        model = HarmonForConditionalGeneration(config).eval()
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            results[gamma] = model.text_to_image_loss(**inputs, generator=torch.Generator().manual_seed(3))
+    plain, weighted = results[None], results[5.0]
+    torch.testing.assert_close(weighted["loss_mse"], plain["loss_mse"])  # the same rows, timesteps and noise
+    alphas = base.train_scheduler.train_tables.alphas_cumprod[weighted["timesteps"]]
+    snr = alphas / (1 - alphas)
+    weights = torch.minimum(snr, torch.tensor(5.0, dtype=snr.dtype)) / snr
+    assert weights.min() < 0.5 and weights.max() == 1.0  # both kinds of rows are present
+    mask = weighted["diffusion_mask"]
+    expected = ((weighted["loss_mse"] * weights.float() + weighted["loss_vb"]) * mask).sum() / mask.sum()
+    torch.testing.assert_close(weighted["loss"], expected)
+    assert weighted["loss"] < plain["loss"]
+    torch.testing.assert_close(results[1e30]["loss"], plain["loss"])
+    for bad in (0.0, -1.0, float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="snr_gamma"):
+            HarmonConfig.from_dict({**base.config.to_dict(), "diffusion_head_config": {"snr_gamma": bad}})
+
+
 @requires_scheduler
 def test_understanding_latent_cache_gives_the_same_loss(tmp_path, processor, caplog):
     """Understanding data cached: one VAE pass per distinct picture (two sources share the files), tokens copied

@@ -89,6 +89,10 @@ class HarmonDiffusionHeadConfig(PreTrainedConfig):
         beta_schedule (`str`, defaults to "squaredcos_cap_v2"): the cosine schedule (diffusers' name).
         diffusion_batch_mul (`int`, defaults to 4): each token is repeated this many times in the training loss,
             each copy with its own timestep and noise.
+        snr_gamma (`float`, *optional*): Min-SNR loss weighting (Hang et al. 2023, diffusers' `--snr_gamma`): the
+            noise-prediction MSE of a row at timestep t is weighted by min(SNR(t), snr_gamma) / SNR(t), which
+            lowers the weight of the nearly clean timesteps where the condition hardly matters. None (upstream):
+            every row weighs 1. Training only; sampling does not read it.
     """
 
     model_type = "harmon_diffusion_head"
@@ -104,9 +108,15 @@ class HarmonDiffusionHeadConfig(PreTrainedConfig):
     beta_schedule: str = "squaredcos_cap_v2"
     diffusion_batch_mul: int = 4
     initializer_range: float = 0.02
+    snr_gamma: float | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        gamma = self.snr_gamma
+        if gamma is not None and (
+            isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < float("inf")
+        ):
+            raise ValueError(f"snr_gamma must be a positive number or None, got {gamma!r}")
         if self.beta_schedule != "squaredcos_cap_v2":
             raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported; Harmon uses 'squaredcos_cap_v2'.")
 

@@ -628,7 +628,11 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         x_t = scheduler.add_noise(target, noise, timesteps)
         model_output = self.model.diffusion_head(x_t, timesteps, cond)
         loss_mse, loss_vb = scheduler.training_loss_terms(model_output, target, x_t, timesteps, noise)
-        terms = loss_mse + loss_vb
+        gamma = self.config.diffusion_head_config.snr_gamma
+        if gamma is None:
+            terms = loss_mse + loss_vb
+        else:
+            terms = loss_mse * self.min_snr_weights(timesteps, gamma).to(loss_mse) + loss_vb
         loss = (terms * diffusion_mask).sum() / diffusion_mask.sum()
         return dict(
             step,
@@ -644,6 +648,13 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
             loss_mse=loss_mse,
             loss_vb=loss_vb,
         )
+
+    def min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma weights of noise-prediction rows: min(SNR(t), gamma) / SNR(t), SNR = a_t / (1 - a_t) with
+        a_t the training process's `alphas_cumprod`. `timesteps` `(N,)` -> `(N,)` float64, in (0, 1]."""
+        alphas = self.train_scheduler.train_tables.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alphas / (1.0 - alphas)
+        return snr.clamp(max=gamma) / snr
 
     # ----- text-to-image sampling --------------------------------------------------------------------------------
     @staticmethod
