@@ -474,15 +474,65 @@ def test_train_script_restarts_only_the_position_tables():
         f"model.mar.{name}" for name in script.POSITION_TABLES
     }
     tables = {name: getattr(model.model.mar, name).detach().clone() for name in script.POSITION_TABLES}
+    assert before["model.mar.encoder_pos_embed_learned"].std().item() < 0.03  # upstream's 0.02 before
     for table in tables.values():
         assert table.std().item() == pytest.approx(0.5, rel=0.05)
-        assert before["model.mar.encoder_pos_embed_learned"].std().item() < 0.03  # upstream's 0.02 before
     script.restart_position_tables(model, 0.5, seed=3)
     assert all(torch.equal(table, getattr(model.model.mar, name)) for name, table in tables.items())
     for bad in (0.0, -0.5, float("nan"), "0.5", True):
         with pytest.raises(ValueError, match="position_init_std"):
             script.restart_position_tables(model, bad, seed=3)
     assert all(torch.equal(table, getattr(model.model.mar, name)) for name, table in tables.items())
+
+
+def test_train_script_study_settings(tmp_path):
+    """`--set`, `--steps-scale` and `--model-set` change the recipe for a study: YAML values into every stage's
+    config and model.yaml's entries, max_steps scaled; bad ones are refused before anything is written, and a run
+    continues in its folder only with the settings it started with."""
+    script = load_example("shapes/train.py")
+    assert script.parse_assignments(["use_cpu=false", "save_strategy='no'", "lr=1e-3"], "--set") == {
+        "use_cpu": False,
+        "save_strategy": "no",
+        "lr": 1e-3,
+    }
+    for bad in (["use_cpu"], ["=1"], ["x=[1"]):
+        with pytest.raises(ValueError, match="--set"):
+            script.parse_assignments(bad, "--set")
+    config = script.stage_config("stage2_full.yaml", "stage2.yaml", False, {"use_cpu": False}, 2.5)
+    plain = script.stage_config("stage2_full.yaml", "stage2.yaml", False)
+    assert config["max_steps"] == round(plain["max_steps"] * 2.5) and config["use_cpu"] is False
+    assert plain["use_cpu"] is True
+    model_yaml = script.load_yaml(script.CONFIGS / "model.yaml")
+    changed = script.apply_model_settings(model_yaml, {"llm.num_hidden_layers": 6, "diffusion_head.snr_gamma": 5})
+    assert changed["llm"]["num_hidden_layers"] == 6 and changed["diffusion_head"]["snr_gamma"] == 5
+    assert model_yaml["llm"]["num_hidden_layers"] == 3  # the original is left alone
+    assert changed["mar"]["position_init_std"] == 0.5  # a float entry takes an int too
+    assert script.apply_model_settings(model_yaml, {"mar.position_init_std": 1})["mar"]["position_init_std"] == 1
+    for bad, message in (
+        ({"llm.depth": 6}, "no such entry"),
+        ({"llm.num_hidden_layers.x": 6}, "no such entry"),
+        ({"llm.num_hidden_layers": "six"}, "model.yaml's value there is 3"),
+        ({"llm.num_hidden_layers": 6.5}, "model.yaml's value there is 3"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            script.apply_model_settings(model_yaml, bad)
+    for argv in (
+        ["--steps-scale", "0"],
+        ["--steps-scale", "nan"],
+        ["--set", "use_cpu"],
+        ["--model-set", "llm.depth=6"],
+        ["--model-set", "mar.position_init_std=-1"],
+    ):
+        with pytest.raises(SystemExit):
+            script.main(["--out", str(tmp_path / "bad"), "--smoke", *argv])
+        assert not (tmp_path / "bad").exists()
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_settings.json").write_text(json.dumps({"set": {}, "steps_scale": 2.0, "model_set": {}}))
+    with pytest.raises(SystemExit):  # started with --steps-scale 2: a plain rerun is refused, nothing is added
+        script.main(["--out", str(out), "--smoke"])
+    assert sorted(p.name for p in out.iterdir()) == ["run_settings.json"]
 
 
 def test_train_script_smoke_builds_the_configured_model(tmp_path):

@@ -6,6 +6,8 @@
     python examples/shapes/train.py --out out/hs-repro --vae default        # the shipped autoencoder, then the stages
     python examples/shapes/train.py --out /tmp/hs-smoke --smoke             # every step in under a minute
     python examples/shapes/train.py --out out/hs-curr --captions curriculum # stages I-II on ordered pair captions
+    python examples/shapes/train.py --out out/hs-gpu --vae default --set use_cpu=false --steps-scale 4 --eval 50
+                                                                            # a study: 4x the steps on a GPU
 
 The steps (each skipped when its output already exists in OUT, so an interrupted run continues):
 
@@ -24,7 +26,13 @@ The steps (each skipped when its output already exists in OUT, so an interrupted
    naming its left / top object first) and stage 3 both phrasings; the default trains on both throughout.
 5. `OUT/harmon-shapes`: the `HarmonPipeline` folder (model/, scheduler/, processor/, model_index.json), what
    `harmon_hf.default_model` ships; `--ship` copies it into `src/harmon_hf/default_model/harmon-shapes`.
-6. With `--eval N`: ShapesEval on N held-out scenes per kind (`OUT/shapes_eval.json`).
+6. With `--eval N`: ShapesEval on N held-out scenes per kind (`OUT/shapes_eval.json`; on the GPU when there is one).
+
+Studies change the recipe without editing it: `--set KEY=VALUE` sets a Trainer entry of every stage (a YAML value,
+after the shapes overrides; `use_cpu=false` trains on a GPU), `--steps-scale F` multiplies every stage's `max_steps`
+(the cosine schedules stretch with them) and `--model-set KEY.PATH=VALUE` an entry of model.yaml
+(`llm.num_hidden_layers=6`). They are checked before anything is written and kept in `OUT/run_settings.json`; a run
+continues in OUT only with the settings it started with. Without them the script makes the shipped weights.
 
 `OUT/train_report.json` records the wall time of every step, the parameter counts and the weight size.
 """
@@ -207,6 +215,8 @@ def build_config(model_yaml: dict[str, Any], vae_config: dict[str, Any], tokeniz
         num_res_blocks=head["num_res_blocks"],
         cond_channels=mar["embed_dim"],
     )
+    if head.get("snr_gamma") is not None:  # absent / null: upstream's unweighted loss (the shipped weights)
+        head_config["snr_gamma"] = float(head["snr_gamma"])
     vae = {k: vae_config[k] for k in HARMON_VAE_KEYS}
     return HarmonConfig(
         text_config=text,
@@ -219,9 +229,11 @@ def build_config(model_yaml: dict[str, Any], vae_config: dict[str, Any], tokeniz
     )
 
 
-def build_initial_model(out: Path, data: Path, vae_dir: Path, seed: int) -> Path:
-    """OUT/stage0: random Harmon-Shapes weights + the trained VAE, and the processor (a folder `examples/train.py`
-    loads with `--model_name_or_path`)."""
+def build_initial_model(
+    out: Path, data: Path, vae_dir: Path, seed: int, model_yaml: dict[str, Any] | None = None
+) -> Path:
+    """OUT/stage0: random Harmon-Shapes weights of `model_yaml` (None: model.yaml) + the trained VAE, and the
+    processor (a folder `examples/train.py` loads with `--model_name_or_path`)."""
     from diffusers import AutoencoderKL
 
     from harmon_hf.modeling_harmon import HarmonForConditionalGeneration
@@ -230,7 +242,7 @@ def build_initial_model(out: Path, data: Path, vae_dir: Path, seed: int) -> Path
     folder = out / "stage0"
     if (folder / "config.json").is_file():
         return folder
-    model_yaml = load_yaml(CONFIGS / "model.yaml")
+    model_yaml = load_yaml(CONFIGS / "model.yaml") if model_yaml is None else model_yaml
     processor = HarmonProcessor.from_llm_dir(
         data / "tokenizer", image_size=model_yaml["image_size"], buffer_size=model_yaml["buffer_size"]
     )
@@ -256,6 +268,12 @@ _PARTS = ("language_model", "mar", "diffusion_head", "proj_in", "proj_out", "vae
 POSITION_TABLES = ("encoder_pos_embed_learned", "decoder_pos_embed_learned", "diffusion_pos_embed_learned")
 
 
+def check_position_init_std(std: Any) -> None:
+    """Refuse a `mar.position_init_std` that is neither None nor a positive finite number (ValueError naming it)."""
+    if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < float("inf")):
+        raise ValueError(f"mar.position_init_std must be a positive number or absent, got {std!r}")
+
+
 def restart_position_tables(model: Any, std: float | None, seed: int) -> None:
     """Draw the MAR's three learned position tables from N(0, `std`) (None: keep upstream's N(0, 0.02)).
 
@@ -264,8 +282,7 @@ def restart_position_tables(model: Any, std: float | None, seed: int) -> None:
     generator of their own, so every other initial weight stays as it was."""
     if std is None:
         return
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0:
-        raise ValueError(f"mar.position_init_std must be a positive number or absent, got {std!r}")
+    check_position_init_std(std)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in POSITION_TABLES:
@@ -285,13 +302,60 @@ def _train_main():
     return module.main
 
 
-def stage_config(preset: str, overrides: str, smoke: bool) -> dict[str, Any]:
-    """The upstream stage preset updated with the shapes overrides (and the smoke-test ones)."""
+def stage_config(
+    preset: str, overrides: str, smoke: bool, extra: dict[str, Any] | None = None, steps_scale: float = 1.0
+) -> dict[str, Any]:
+    """The upstream stage preset updated with the shapes overrides (and the smoke-test ones), then with `extra`
+    (`--set`), its `max_steps` multiplied by `steps_scale` (rounded, at least 1)."""
     config = load_yaml(PRESETS / preset)
     config.update(load_yaml(CONFIGS / overrides))
     if smoke:
         config.update(SMOKE_OVERRIDES)
+    config.update(extra or {})
+    if steps_scale != 1.0:
+        config["max_steps"] = max(1, round(int(config["max_steps"]) * steps_scale))
     return config
+
+
+def parse_assignments(items: list[str], option: str) -> dict[str, Any]:
+    """`["KEY=VALUE", ...]` -> `{KEY: yaml value}`; raises ValueError naming `option` and the bad item."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{option} takes KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{option} {item!r}: the value is not YAML ({error})") from None
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+            except ValueError:
+                pass
+        values[key.strip()] = value
+    return values
+
+
+def apply_model_settings(model_yaml: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `model_yaml` with each dotted `settings` key (`llm.num_hidden_layers`) replaced; a key that
+    model.yaml does not have, or a value of another type than the one there, is refused (ValueError naming it)."""
+    result = json.loads(json.dumps(model_yaml))
+    for dotted, value in settings.items():
+        node = result
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise ValueError(f"--model-set {dotted!r}: model.yaml has no such entry")
+        old = node[leaf]
+        same_kind = isinstance(value, bool) == isinstance(old, bool) and (
+            type(value) is type(old) or (isinstance(old, float) and isinstance(value, int))
+        )
+        if old is not None and not same_kind:
+            raise ValueError(f"--model-set {dotted}={value!r}: model.yaml's value there is {old!r}")
+        node[leaf] = value
+    return result
 
 
 def stage_data(data: Path, stage_captions: str, captions: str) -> Path:
@@ -303,8 +367,17 @@ def stage_data(data: Path, stage_captions: str, captions: str) -> Path:
     return data / "train" / "ordered" if ordered else data / "train"
 
 
-def run_stages(out: Path, data: Path, start: Path, smoke: bool, captions: str = "all") -> Path:
-    """Stages 1-3 in turn, each starting from the previous stage's output folder (`captions`: see `CAPTIONS`)."""
+def run_stages(
+    out: Path,
+    data: Path,
+    start: Path,
+    smoke: bool,
+    captions: str = "all",
+    extra: dict[str, Any] | None = None,
+    steps_scale: float = 1.0,
+) -> Path:
+    """Stages 1-3 in turn, each starting from the previous stage's output folder (`captions`: see `CAPTIONS`;
+    `extra`, `steps_scale`: see `stage_config`)."""
     pictures_of = {name: stage_data(data, stage_captions, captions) for name, *_, stage_captions in STAGES}
     train_main = _train_main()
     previous = start
@@ -314,7 +387,7 @@ def run_stages(out: Path, data: Path, start: Path, smoke: bool, captions: str = 
             log(f"{name}: done before, kept")
             previous = folder
             continue
-        config = stage_config(preset, overrides, smoke)
+        config = stage_config(preset, overrides, smoke, extra, steps_scale)
         pictures = pictures_of[name]
         merged = out / f"{name}.yaml"
         merged.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -348,10 +421,13 @@ def run_stages(out: Path, data: Path, start: Path, smoke: bool, captions: str = 
 # ------------------------------------------------------------------------------------------------------------------
 # 5-6: the pipeline folder, shipping, evaluation
 # ------------------------------------------------------------------------------------------------------------------
-def save_pipeline(stage_dir: Path, target: Path, world: dict[str, Any] | None = None) -> int:
+def save_pipeline(
+    stage_dir: Path, target: Path, world: dict[str, Any] | None = None, model_yaml: dict[str, Any] | None = None
+) -> int:
     """Assemble `HarmonPipeline(model, HarmonDDPMScheduler(**model.yaml's scheduler), processor)` from a stage folder
     and save it, with the training world (`world`, `ShapesWorld.to_dict()`) as `shapes_world.json` so that
-    ShapesEval draws its test scenes in it; returns the size of the weights (bytes)."""
+    ShapesEval draws its test scenes in it; returns the size of the weights (bytes). `model_yaml`: None reads
+    model.yaml."""
     from harmon_hf.modeling_harmon import HarmonForConditionalGeneration
     from harmon_hf.pipeline_harmon import HarmonPipeline
     from harmon_hf.processing_harmon import HarmonProcessor
@@ -361,7 +437,8 @@ def save_pipeline(stage_dir: Path, target: Path, world: dict[str, Any] | None = 
     model = HarmonForConditionalGeneration.from_pretrained(stage_dir)
     processor = HarmonProcessor.from_pretrained(stage_dir)
     # Harmon's sampler with the x_0 clipping of model.yaml (see the comment there).
-    scheduler = HarmonDDPMScheduler(**load_yaml(CONFIGS / "model.yaml").get("scheduler", {}))
+    model_yaml = load_yaml(CONFIGS / "model.yaml") if model_yaml is None else model_yaml
+    scheduler = HarmonDDPMScheduler(**model_yaml.get("scheduler", {}))
     pipe = HarmonPipeline(model=model, scheduler=scheduler, processor=processor)
     if target.exists():
         shutil.rmtree(target)
@@ -417,8 +494,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage (checks the script)")
     parser.add_argument("--ship", action="store_true", help="install the result as the package's default model")
     parser.add_argument("--eval", type=int, default=0, metavar="N", help="run ShapesEval on N scenes per kind")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="study: set a Trainer entry of every stage (YAML value), e.g. use_cpu=false to train on a GPU",
+    )
+    parser.add_argument(
+        "--steps-scale", type=float, default=1.0, metavar="F", help="study: multiply every stage's max_steps by F"
+    )
+    parser.add_argument(
+        "--model-set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="study: replace an entry of model.yaml, e.g. llm.num_hidden_layers=6",
+    )
     args = parser.parse_args(argv)
-    model_yaml = load_yaml(CONFIGS / "model.yaml")
+    if not (args.steps_scale > 0 and args.steps_scale < float("inf")):
+        parser.error(f"--steps-scale must be a positive number, got {args.steps_scale}")
+    try:
+        stage_settings = parse_assignments(args.set, "--set")
+        model_settings = parse_assignments(args.model_set, "--model-set")
+        model_yaml = apply_model_settings(load_yaml(CONFIGS / "model.yaml"), model_settings)
+        check_position_init_std(model_yaml["mar"].get("position_init_std"))
+    except ValueError as error:
+        parser.error(str(error))
+    settings = {"set": stage_settings, "steps_scale": args.steps_scale, "model_set": model_settings}
     vae_yaml = model_yaml.get("vae", {})
     vae_steps = args.vae_steps if args.vae_steps is not None else int(vae_yaml.get("steps", VAETrainingConfig.steps))
     if vae_steps < 1:
@@ -432,10 +535,14 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as error:
             parser.error(str(error))
 
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
+    settings_file = out / "run_settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text(encoding="utf-8")) != settings:
+        parser.error(f"{out} was started with other study settings ({settings_file}); use a new --out")
+    torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"seconds": {}}
+    settings_file.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+    report: dict[str, Any] = {"seconds": {}, "settings": settings}
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -455,12 +562,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         vae_dir = train_autoencoder(out, vae_steps, args.smoke, vae_yaml.get("block_out_channels"))
     lap("vae")
-    stage0 = build_initial_model(out, data, vae_dir, args.seed)
+    stage0 = build_initial_model(out, data, vae_dir, args.seed, model_yaml)
     lap("stage0")
-    final_stage = run_stages(out, data, stage0, args.smoke, args.captions)
+    final_stage = run_stages(out, data, stage0, args.smoke, args.captions, stage_settings, args.steps_scale)
     lap("stages")
     pipeline_dir = out / "harmon-shapes"
-    report["weights_bytes"] = save_pipeline(final_stage, pipeline_dir, world.to_dict())
+    report["weights_bytes"] = save_pipeline(final_stage, pipeline_dir, world.to_dict(), model_yaml)
     report["parameters"] = json.loads((stage0 / "parameters.json").read_text())
     lap("pipeline")
     report["total_minutes"] = round(sum(report["seconds"].values()) / 60, 1)
@@ -470,7 +577,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval:
         from harmon_hf.shapes.run_eval import evaluate_model
 
-        evaluate_model(pipeline_dir, n=args.eval, out_json=out / "shapes_eval.json")
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # as `harmon-hf eval-shapes` picks it
+        evaluate_model(pipeline_dir, n=args.eval, out_json=out / "shapes_eval.json", device=device)
         lap("eval")
     (out / "train_report.json").write_text(json.dumps(report, indent=1) + "\n")
     log(f"done: {report['seconds']}")
