@@ -215,7 +215,7 @@ def build_config(model_yaml: dict[str, Any], vae_config: dict[str, Any], tokeniz
         num_res_blocks=head["num_res_blocks"],
         cond_channels=mar["embed_dim"],
     )
-    if head.get("snr_gamma") is not None:  # absent / null: upstream's unweighted loss (the shipped weights)
+    if head.get("snr_gamma") is not None:  # absent / null: upstream's unweighted loss
         head_config["snr_gamma"] = float(head["snr_gamma"])
     vae = {k: vae_config[k] for k in HARMON_VAE_KEYS}
     return HarmonConfig(
