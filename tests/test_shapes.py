@@ -392,6 +392,103 @@ def test_vae_layout_and_a_few_steps_lower_the_loss():
     assert config.to_autoencoder_kwargs() == kwargs
 
 
+def test_vae_without_attention_is_convolutions_only():
+    """`attention=False` drops kl16's three self-attention layers (last encoder level, both mid blocks) and nothing
+    else: same stride, latent size and convolution weights, and the Harmon config rebuilds the same layout."""
+    from diffusers.models.attention_processor import Attention
+
+    from harmon_hf.shapes.vae import VAETrainingConfig, build_vae, harmon_vae_kwargs
+
+    assert VAETrainingConfig().attention is True
+    widths = (8, 8, 16, 16, 16)
+    with_attention = build_vae(widths, norm_num_groups=4)
+    without = build_vae(widths, norm_num_groups=4, attention=False)
+    assert sum(isinstance(m, Attention) for m in with_attention.modules()) == 3
+    assert not any(isinstance(m, Attention) for m in without.modules())
+    assert without.config.mid_block_add_attention is False
+    assert without.config.down_block_types[-1] == "DownEncoderBlock2D"
+    kept = {k: v.shape for k, v in with_attention.state_dict().items() if "attention" not in k}
+    assert {k: v.shape for k, v in without.state_dict().items()} == kept
+    pixels = torch.zeros(2, 3, 64, 64)
+    assert without.encode(pixels).latent_dist.mean.shape == (2, 16, 4, 4)
+    configuration = pytest.importorskip("harmon_hf.configuration_harmon")
+    from diffusers import AutoencoderKL
+
+    rebuilt = AutoencoderKL(**configuration.HarmonVAEConfig(**harmon_vae_kwargs(without)).to_autoencoder_kwargs())
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == kept
+
+
+def test_cut_and_paste_joins_two_pictures_at_a_token_boundary():
+    from harmon_hf.shapes.vae import cut_and_paste
+
+    pixels = torch.rand(3, 3, 64, 48)
+    seen = set()
+    for seed in range(30):
+        mixed, source, (axis, cut) = cut_and_paste(pixels, generator=torch.Generator().manual_seed(seed))
+        again = cut_and_paste(pixels, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(mixed, again[0]) and (axis, cut) == again[2]  # a function of the generator
+        assert source.tolist() == [2, 0, 1]
+        edge = 16 * cut
+        if axis == "w":
+            assert 1 <= cut <= 2
+            assert torch.equal(mixed[..., :edge], pixels[..., :edge])
+            assert torch.equal(mixed[..., edge:], pixels[source][..., edge:])
+        else:
+            assert axis == "h" and 1 <= cut <= 3
+            assert torch.equal(mixed[..., :edge, :], pixels[..., :edge, :])
+            assert torch.equal(mixed[..., edge:, :], pixels[source][..., edge:, :])
+        seen.add((axis, cut))
+    assert len(seen) == 5  # every cut of both axes is drawn
+    with pytest.raises(ValueError, match="16 x 64"):
+        cut_and_paste(torch.rand(2, 3, 16, 64))
+
+
+def test_patch_locality_loss_is_zero_for_a_per_patch_encoder_and_scale_free():
+    """An encoder that reads each 16 x 16 patch alone (average pooling) scores 0; one whose tokens also carry the
+    whole picture's mean scores > 0, and the same after scaling its latents."""
+    from harmon_hf.shapes.vae import cut_and_paste, patch_locality_loss
+
+    def local(x):
+        return torch.nn.functional.avg_pool2d(x, 16)
+
+    def mixing(x):
+        return local(x) + x.mean((2, 3), keepdim=True)
+
+    pixels = torch.rand(4, 3, 64, 64) + torch.arange(4.0).view(4, 1, 1, 1)  # pictures of different brightness
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        mixed, source, cut = cut_and_paste(pixels, generator=generator)
+        assert patch_locality_loss(local(pixels), local(mixed), source, cut).item() < 1e-12
+        value = patch_locality_loss(mixing(pixels), mixing(mixed), source, cut)
+        assert value.item() > 1e-3
+        scaled = patch_locality_loss(5 * mixing(pixels), 5 * mixing(mixed), source, cut)
+        torch.testing.assert_close(scaled, value)
+
+
+def test_vae_loss_locality_term():
+    """`locality_weight` adds weight x the locality of the same encoder call's means; 0 leaves the loss as it was."""
+    from harmon_hf.shapes.vae import build_vae, cut_and_paste, patch_locality_loss, to_pixels, vae_loss
+
+    torch.manual_seed(0)
+    vae = build_vae((8, 8, 16, 16, 16), norm_num_groups=4)
+    pixels = to_pixels(np.stack([np.asarray(make_scene(i, "train").render(WORLD)) for i in range(4)]))
+    plain, plain_parts = vae_loss(vae, pixels, generator=torch.Generator().manual_seed(1))
+    assert set(plain_parts) == {"l1", "mse", "kl"}
+    assert plain.item() == pytest.approx(plain_parts["l1"] + plain_parts["mse"] + 1e-5 * plain_parts["kl"], rel=1e-5)
+    weighted, parts = vae_loss(vae, pixels, generator=torch.Generator().manual_seed(1), locality_weight=2.0)
+    assert set(parts) == {"l1", "mse", "kl", "locality"}
+    generator = torch.Generator().manual_seed(1)
+    mixed, source, cut = cut_and_paste(pixels, generator=generator)  # the same draws as inside vae_loss
+    with torch.no_grad():
+        means = vae.encode(pixels).latent_dist.mean
+        expected = patch_locality_loss(means, vae.encode(mixed).latent_dist.mean, source, cut).item()
+    assert parts["locality"] == pytest.approx(expected, rel=1e-4)
+    base = weighted.item() - 2.0 * parts["locality"]
+    assert base == pytest.approx(parts["l1"] + parts["mse"] + 1e-5 * parts["kl"], rel=1e-5)
+    weighted.backward()  # the term trains the encoder
+    assert vae.encoder.conv_in.weight.grad is not None
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # examples/shapes/train.py (the recipe that makes the shipped model)
 # ------------------------------------------------------------------------------------------------------------------
@@ -522,6 +619,8 @@ def test_train_script_study_settings(tmp_path):
         ["--set", "use_cpu"],
         ["--model-set", "llm.depth=6"],
         ["--model-set", "mar.position_init_std=-1"],
+        ["--model-set", "vae.locality_weight=-1"],
+        ["--model-set", "vae.attention=1"],
     ):
         with pytest.raises(SystemExit):
             script.main(["--out", str(tmp_path / "bad"), "--smoke", *argv])
@@ -533,6 +632,30 @@ def test_train_script_study_settings(tmp_path):
     with pytest.raises(SystemExit):  # started with --steps-scale 2: a plain rerun is refused, nothing is added
         script.main(["--out", str(out), "--smoke"])
     assert sorted(p.name for p in out.iterdir()) == ["run_settings.json"]
+
+
+def test_train_script_autoencoder_options():
+    """model.yaml's `vae:` entries reach `VAETrainingConfig` (steps aside); unknown entries and bad values are
+    refused with the entry named."""
+    from harmon_hf.shapes.vae import VAETrainingConfig
+
+    script = load_example("shapes/train.py")
+    vae_yaml = script.load_yaml(script.CONFIGS / "model.yaml")["vae"]
+    options = script.autoencoder_options(vae_yaml)
+    assert "steps" not in options and set(options) <= set(VAETrainingConfig.__dataclass_fields__)
+    assert options["attention"] is vae_yaml["attention"]
+    assert options["locality_weight"] == vae_yaml["locality_weight"]
+    assert script.autoencoder_options({"locality_weight": 2}) == {"locality_weight": 2}
+    for bad, message in (
+        ({"depth": 3}, "vae.depth: not an autoencoder setting"),
+        ({"attention": "yes"}, "vae.attention: wrong kind"),
+        ({"locality_weight": True}, "vae.locality_weight: wrong kind"),
+        ({"locality_weight": -0.5}, "finite number >= 0, got -0.5"),
+        ({"locality_weight": float("nan")}, "finite number >= 0, got nan"),
+        ({"block_out_channels": 64}, "vae.block_out_channels: wrong kind"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            script.autoencoder_options(bad)
 
 
 def test_train_script_smoke_builds_the_configured_model(tmp_path):
@@ -551,6 +674,9 @@ def test_train_script_smoke_builds_the_configured_model(tmp_path):
     model_yaml = yaml.safe_load((script.CONFIGS / "model.yaml").read_text())
     vae_config = json.loads((out / "vae" / "vae" / "config.json").read_text())
     assert vae_config["block_out_channels"] == model_yaml["vae"]["block_out_channels"]
+    assert vae_config["mid_block_add_attention"] == model_yaml["vae"]["attention"]
+    vae_report = json.loads((out / "vae" / "vae_report.json").read_text())
+    assert vae_report["config"]["locality_weight"] == model_yaml["vae"]["locality_weight"]
     report = json.loads((out / "train_report.json").read_text())
     assert set(report["seconds"]) == {"data", "vae", "stage0", "stages", "pipeline"}
     for name, *_ in script.STAGES:

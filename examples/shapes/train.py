@@ -109,18 +109,46 @@ def make_data(out: Path, train: int, test: int, seed: int = 0, layout: str = "ra
     return data, world
 
 
-def train_autoencoder(out: Path, steps: int, smoke: bool, block_out_channels: tuple[int, ...] | None = None) -> Path:
-    """Train the shapes VAE (`block_out_channels`: its five widths, None = `VAETrainingConfig`'s) into OUT/vae unless
-    present; returns the diffusers folder OUT/vae/vae.
+# model.yaml `vae:` entries that train.py passes to `VAETrainingConfig` (`steps` is read separately: --vae-steps).
+VAE_OPTIONS: dict[str, type | tuple[type, ...]] = {
+    "block_out_channels": list,
+    "attention": bool,
+    "locality_weight": (int, float),
+}
 
-    A fixed number of steps and no time limit, so that the result does not depend on the machine's speed."""
+
+def autoencoder_options(vae_yaml: dict[str, Any]) -> dict[str, Any]:
+    """The `VAETrainingConfig` settings of model.yaml's `vae:` section; an unknown entry or a value of the wrong
+    kind raises ValueError naming it."""
+    options = {}
+    for key, value in vae_yaml.items():
+        if key == "steps":
+            continue
+        if key not in VAE_OPTIONS:
+            raise ValueError(
+                f"model.yaml vae.{key}: not an autoencoder setting (known: steps, {', '.join(VAE_OPTIONS)})"
+            )
+        if isinstance(value, bool) != (VAE_OPTIONS[key] is bool) or not isinstance(value, VAE_OPTIONS[key]):
+            raise ValueError(f"model.yaml vae.{key}: wrong kind of value {value!r}")
+        if key == "locality_weight" and not (0 <= value < float("inf")):
+            raise ValueError(f"model.yaml vae.locality_weight must be a finite number >= 0, got {value!r}")
+        options[key] = value
+    return options
+
+
+def train_autoencoder(out: Path, steps: int, smoke: bool, options: dict[str, Any] | None = None) -> Path:
+    """Train the shapes VAE into OUT/vae unless present; returns the diffusers folder OUT/vae/vae.
+
+    `options`: `VAETrainingConfig` fields from model.yaml's `vae:` section (`block_out_channels`, `attention`,
+    `locality_weight`, ...; see `autoencoder_options`). A fixed number of steps and no time limit, so that the
+    result does not depend on the machine's speed."""
     from harmon_hf.shapes.vae import VAETrainingConfig, train_vae
 
     folder = out / "vae"
     if not (folder / "vae" / "config.json").is_file():
-        settings: dict[str, Any] = {"steps": steps, "time_limit_minutes": None}
-        if block_out_channels is not None:
-            settings["block_out_channels"] = tuple(block_out_channels)
+        settings: dict[str, Any] = {**(options or {}), "steps": steps, "time_limit_minutes": None}
+        if "block_out_channels" in settings:
+            settings["block_out_channels"] = tuple(settings["block_out_channels"])
         if smoke:
             settings.update(steps=20, eval_images=16, log_every=5)
         train_vae(VAETrainingConfig(**settings), folder, log=log)
@@ -526,6 +554,10 @@ def main(argv: list[str] | None = None) -> None:
     vae_steps = args.vae_steps if args.vae_steps is not None else int(vae_yaml.get("steps", VAETrainingConfig.steps))
     if vae_steps < 1:
         parser.error(f"--vae-steps must be at least 1, got {vae_steps}")
+    try:
+        vae_options = autoencoder_options(vae_yaml)
+    except ValueError as error:
+        parser.error(str(error))
     given_vae = None
     if args.vae is not None:
         if args.vae_steps is not None:
@@ -560,7 +592,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as error:
             parser.error(str(error))
     else:
-        vae_dir = train_autoencoder(out, vae_steps, args.smoke, vae_yaml.get("block_out_channels"))
+        vae_dir = train_autoencoder(out, vae_steps, args.smoke, vae_options)
     lap("vae")
     stage0 = build_initial_model(out, data, vae_dir, args.seed, model_yaml)
     lap("stage0")

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--eval-images", type=int, default=defaults.eval_images)
     parser.add_argument("--keep-scale", action="store_true", help="keep kl16's scaling_factor 0.2325")
+    parser.add_argument(
+        "--locality-weight", type=float, default=defaults.locality_weight, help="patch-locality term (0: off)"
+    )
+    parser.add_argument("--no-attention", action="store_true", help="no self-attention layers (convolutions only)")
     args = parser.parse_args(argv)
     config = VAETrainingConfig(
         block_out_channels=tuple(args.widths),
@@ -51,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         log_every=max(1, min(50, args.steps // 10)),
         eval_images=args.eval_images,
         set_scaling_factor=not args.keep_scale,
+        attention=not args.no_attention,
+        locality_weight=args.locality_weight,
     )
     train_vae(config, args.out)
 

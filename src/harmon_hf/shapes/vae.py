@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
 from .data import ShapesWorld, make_scene
@@ -31,10 +32,12 @@ __all__ = [
     "HARMON_VAE_KEYS",
     "VAETrainingConfig",
     "build_vae",
+    "cut_and_paste",
     "decode_latents",
     "encode_images",
     "harmon_vae_kwargs",
     "latent_statistics",
+    "patch_locality_loss",
     "reconstruct",
     "save_comparison_grid",
     "train_vae",
@@ -87,6 +90,10 @@ class VAETrainingConfig:
         num_threads: torch CPU threads (None: leave as is).
         log_every: steps between log lines; eval_images: held-out pictures for the final report.
         set_scaling_factor: store `1 / std` of the posterior means as `scaling_factor` (else keep 0.2325).
+        attention: kl16's self-attention (last encoder level and both mid blocks). Without it every latent token is
+            computed by convolutions alone (see `build_vae`).
+        locality_weight: weight of the patch-locality term (`vae_loss`, `patch_locality_loss`); 0 = off. With it
+            each latent token describes its own 16 x 16 patch of the picture rather than the whole picture.
     """
 
     block_out_channels: tuple[int, ...] = (32, 32, 64, 64, 64)
@@ -111,6 +118,8 @@ class VAETrainingConfig:
     log_every: int = 50
     eval_images: int = 256
     set_scaling_factor: bool = True
+    attention: bool = True
+    locality_weight: float = 0.0
     world: dict[str, Any] | None = field(default=None)
 
 
@@ -121,14 +130,20 @@ def build_vae(
     latent_channels: int = 16,
     sample_size: int = 64,
     scaling_factor: float = HARMON_SCALING_FACTOR,
+    attention: bool = True,
 ) -> AutoencoderKL:
-    """A kl16-layout `AutoencoderKL` (stride 16: four downsampling levels + an attention level)."""
+    """A kl16-layout `AutoencoderKL` (stride 16: four downsampling levels + a last level).
+
+    With `attention` (kl16's layout) the last encoder level and the encoder's and decoder's mid blocks hold a
+    self-attention layer over all latent positions; at 64 px (a 4 x 4 latent grid) that lets every token carry the
+    whole picture. `attention=False` replaces them by the plain residual blocks (`mid_block_add_attention=False`).
+    """
     if len(block_out_channels) != 5:
         raise ValueError("the kl16 layout has five levels (stride 16)")
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4 + ["AttnDownEncoderBlock2D"],
+        down_block_types=["DownEncoderBlock2D"] * 4 + ["AttnDownEncoderBlock2D" if attention else "DownEncoderBlock2D"],
         up_block_types=["UpDecoderBlock2D"] * 5,
         block_out_channels=list(block_out_channels),
         layers_per_block=layers_per_block,
@@ -140,7 +155,7 @@ def build_vae(
         force_upcast=False,
         use_quant_conv=True,
         use_post_quant_conv=True,
-        mid_block_add_attention=True,
+        mid_block_add_attention=attention,
     )
 
 
@@ -215,13 +230,27 @@ def vae_loss(
     kl_weight: float = 1e-5,
     generator: torch.Generator | None = None,
     foreground_weight: float = 0.0,
+    locality_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Training loss on a batch of pixels in [-1, 1]; returns (loss, {"l1", "mse", "kl"}).
+    """Training loss on a batch of pixels `(B, 3, H, W)` in [-1, 1]; returns (loss, {"l1", "mse", "kl"}, plus
+    "locality" when `locality_weight` > 0).
 
     `foreground_weight` > 0 gives pixels that differ from the corner pixel's colour (the shapes; most of a picture
     is background) `1 + foreground_weight` times the weight of the others in the reconstruction terms.
+
+    `locality_weight` > 0 adds `locality_weight * patch_locality_loss(...)`: the encoder also reads a cut-and-paste
+    copy of the batch (see `cut_and_paste`) in the same call, and the latent tokens of each part of it should be the
+    ones of the picture the part came from.
     """
-    posterior = vae.encode(pixels).latent_dist
+    batch = pixels.shape[0]
+    mixed = None
+    if locality_weight > 0:
+        mixed, source, cut = cut_and_paste(pixels, generator=generator)
+        posterior_all = vae.encode(torch.cat([pixels, mixed])).latent_dist
+        means = posterior_all.mean
+        posterior = DiagonalGaussianDistribution(posterior_all.parameters[:batch])
+    else:
+        posterior = vae.encode(pixels).latent_dist
     recon = vae.decode(posterior.sample(generator=generator)).sample
     weight = torch.ones_like(pixels[:, :1])
     if foreground_weight > 0:
@@ -233,7 +262,62 @@ def vae_loss(
     mse = ((recon - pixels).pow(2) * weight).mean()
     kl = posterior.kl().mean() / pixels[0].numel()
     loss = l1_weight * l1 + mse_weight * mse + kl_weight * kl
-    return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+    parts = {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+    if mixed is not None:
+        locality = patch_locality_loss(means[:batch], means[batch:], source, cut)
+        loss = loss + locality_weight * locality
+        parts["locality"] = locality.item()
+    return loss, parts
+
+
+def cut_and_paste(
+    pixels: torch.Tensor, patch: int = 16, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, int]]:
+    """A copy of the batch `(B, 3, H, W)` whose pictures are two pictures joined along a latent-token boundary.
+
+    One cut for the whole batch, drawn from `generator`: vertical or horizontal, after 1 .. (side / patch - 1)
+    tokens. Picture i keeps its own pixels before the cut and takes picture (i - 1)'s after it.
+
+    Returns:
+        (mixed pictures `(B, 3, H, W)`, the batch index each picture's second part came from `(B,)`,
+        (axis "w" or "h", cut position in tokens)).
+    """
+    batch, _, height, width = pixels.shape
+    if min(height, width) < 2 * patch:
+        raise ValueError(f"cut_and_paste needs at least 2 tokens along each side, got {height} x {width} px")
+    axis = "w" if torch.randint(2, (1,), generator=generator).item() == 0 else "h"
+    tokens = (width if axis == "w" else height) // patch
+    cut = int(torch.randint(1, tokens, (1,), generator=generator).item())
+    source = torch.roll(torch.arange(batch), 1)
+    mixed = pixels.clone()
+    if axis == "w":
+        mixed[..., cut * patch :] = pixels[source][..., cut * patch :]
+    else:
+        mixed[..., cut * patch :, :] = pixels[source][..., cut * patch :, :]
+    return mixed, source, (axis, cut)
+
+
+def patch_locality_loss(
+    means: torch.Tensor, mixed_means: torch.Tensor, source: torch.Tensor, cut: tuple[str, int]
+) -> torch.Tensor:
+    """How far the latent tokens of cut-and-paste pictures are from those of the pictures their parts came from.
+
+    Args:
+        means: posterior means of the batch `(B, C, h, w)`.
+        mixed_means: posterior means of `cut_and_paste`'s pictures `(B, C, h, w)`.
+        source, cut: as `cut_and_paste` returned them.
+
+    Returns:
+        `sum((mixed - expected)^2) / sum(expected^2)`: scale-free (shrinking every latent does not lower it), 0 when
+        each token depends only on its own patch of the picture.
+    """
+    axis, position = cut
+    expected = means.clone()
+    if axis == "w":
+        expected[..., position:] = means[source][..., position:]
+    else:
+        expected[..., position:, :] = means[source][..., position:, :]
+    return (mixed_means - expected).pow(2).sum() / expected.pow(2).sum()
 
 
 def render_images(world: ShapesWorld, split: str, seed: int, start: int, n: int) -> np.ndarray:
@@ -321,6 +405,7 @@ def train_vae(
         config.norm_num_groups,
         config.latent_channels,
         world.resolution,
+        attention=config.attention,
     )
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
@@ -344,6 +429,7 @@ def train_vae(
             config.kl_weight,
             generator=generator,
             foreground_weight=config.foreground_weight,
+            locality_weight=config.locality_weight,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -360,9 +446,10 @@ def train_vae(
             history.append(
                 {"step": step + 1, "seconds": round(elapsed, 1), **{k: round(v, 5) for k, v in means.items()}}
             )
+            locality = f"  locality {means['locality']:.4f}" if "locality" in means else ""
             log(
                 f"step {step + 1:5d}  {elapsed:7.1f}s  loss {means['loss']:.4f}  l1 {means['l1']:.4f}  "
-                f"mse {means['mse']:.5f}  kl {means['kl']:.3f}  lr {scheduler.get_last_lr()[0]:.2e}"
+                f"mse {means['mse']:.5f}  kl {means['kl']:.3f}{locality}  lr {scheduler.get_last_lr()[0]:.2e}"
             )
         if config.time_limit_minutes is not None and elapsed > 60 * config.time_limit_minutes:
             log(f"time limit of {config.time_limit_minutes} min reached after {step + 1} steps")
