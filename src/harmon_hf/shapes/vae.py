@@ -92,8 +92,9 @@ class VAETrainingConfig:
         set_scaling_factor: store `1 / std` of the posterior means as `scaling_factor` (else keep 0.2325).
         attention: kl16's self-attention (last encoder level and both mid blocks). Without it every latent token is
             computed by convolutions alone (see `build_vae`).
-        locality_weight: weight of the patch-locality term (`vae_loss`, `patch_locality_loss`); 0 = off. With it
-            each latent token describes its own 16 x 16 patch of the picture rather than the whole picture.
+        locality_weight: weight of the patch-locality term (`vae_loss`, `patch_locality_loss`); 0 = off. It pulls
+            each latent token towards describing its own 16 x 16 patch rather than the whole picture (measured in
+            the Harmon-Shapes model card: more local tokens, a worse codec).
     """
 
     block_out_channels: tuple[int, ...] = (32, 32, 64, 64, 64)
@@ -135,8 +136,9 @@ def build_vae(
     """A kl16-layout `AutoencoderKL` (stride 16: four downsampling levels + a last level).
 
     With `attention` (kl16's layout) the last encoder level and the encoder's and decoder's mid blocks hold a
-    self-attention layer over all latent positions; at 64 px (a 4 x 4 latent grid) that lets every token carry the
-    whole picture. `attention=False` replaces them by the plain residual blocks (`mid_block_add_attention=False`).
+    self-attention layer over all latent positions. `attention=False` replaces them by the plain residual blocks
+    (`mid_block_add_attention=False`); at 64 px (a 4 x 4 latent grid) the convolutions alone still see the whole
+    picture.
     """
     if len(block_out_channels) != 5:
         raise ValueError("the kl16 layout has five levels (stride 16)")
@@ -289,12 +291,17 @@ def cut_and_paste(
     tokens = (width if axis == "w" else height) // patch
     cut = int(torch.randint(1, tokens, (1,), generator=generator).item())
     source = torch.roll(torch.arange(batch), 1)
-    mixed = pixels.clone()
+    return _paste_after(pixels, pixels[source], axis, cut * patch), source, (axis, cut)
+
+
+def _paste_after(own: torch.Tensor, other: torch.Tensor, axis: str, position: int) -> torch.Tensor:
+    """A copy of `own` `(B, C, H, W)` with `other` from `position` on along width (`axis="w"`) or height."""
+    joined = own.clone()
     if axis == "w":
-        mixed[..., cut * patch :] = pixels[source][..., cut * patch :]
+        joined[..., position:] = other[..., position:]
     else:
-        mixed[..., cut * patch :, :] = pixels[source][..., cut * patch :, :]
-    return mixed, source, (axis, cut)
+        joined[..., position:, :] = other[..., position:, :]
+    return joined
 
 
 def patch_locality_loss(
@@ -311,12 +318,7 @@ def patch_locality_loss(
         `sum((mixed - expected)^2) / sum(expected^2)`: scale-free (shrinking every latent does not lower it), 0 when
         each token depends only on its own patch of the picture.
     """
-    axis, position = cut
-    expected = means.clone()
-    if axis == "w":
-        expected[..., position:] = means[source][..., position:]
-    else:
-        expected[..., position:, :] = means[source][..., position:, :]
+    expected = _paste_after(means, means[source], *cut)
     return (mixed_means - expected).pow(2).sum() / expected.pow(2).sum()
 
 
