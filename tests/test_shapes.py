@@ -29,7 +29,9 @@ from harmon_hf.shapes.eval import (
     DetectionAnswerer,
     ShapeDetector,
     evaluate,
+    format_table,
     ground_truth_generate_fn,
+    heldout_material,
     match_spec,
     normalize_answer,
     perturb_spec,
@@ -270,6 +272,33 @@ def test_evaluate_with_ground_truth_and_constant_answers(tmp_path):
     assert not results["targets"]["understanding/shape"]["passed"]
     saved = json.loads(out.read_text())
     assert saved["generation"]["pair"]["n"] == 8 and len(saved["items"]["understanding"]) > 0
+
+
+def test_heldout_material_splits_the_test_pairs_and_evaluate_reports_both():
+    """Test pairs hold a held-out object or, with seen objects only, a held-out layout; `evaluate` reports both groups
+    for generation and understanding, and they add up to the kind's scenes."""
+    pairs = [make_scene(i, "test", seed=9, kind="pair") for i in range(60)]
+    materials = [heldout_material(s, WORLD) for s in pairs]
+    assert set(materials) == {"object", "layout"}
+    for scene, material in zip(pairs, materials):
+        has_object = any(WORLD.is_heldout_object(o) for o in scene.spec.objects)
+        assert (material == "object") == has_object
+        if material == "layout":
+            assert WORLD.is_heldout_layout(scene.spec)
+    assert all(heldout_material(make_scene(i, "train", 0), WORLD) is None for i in range(100))
+    results = evaluate(ground_truth_generate_fn(WORLD), lambda image, q: "red", n=12, seed=9, verbose=False)
+    pair = results["generation"]["pair"]
+    assert pair["n_heldout_object"] + pair["n_heldout_layout"] == pair["n"] == 12
+    assert pair["n_heldout_object"] == materials[:12].count("object")
+    assert pair["heldout_object_accuracy"] == pair["heldout_layout_accuracy"] == 1.0
+    single = results["generation"]["single"]
+    assert single["n_heldout_layout"] == 0 and single["n_heldout_object"] == single["n_novel"]
+    und = results["understanding"]
+    assert und["kind:pair/heldout-object"]["n"] + und["kind:pair/heldout-layout"]["n"] == und["kind:pair"]["n"]
+    items = [i for i in results["items"]["understanding"] if i["kind"] == "pair" and i["heldout"] == "layout"]
+    expected = sum(i["correct"] for i in items) / len(items)
+    assert und["kind:pair/heldout-layout"]["accuracy"] == pytest.approx(expected)
+    assert "h.obj" in format_table(results)
 
 
 def test_evaluate_on_the_train_distribution():

@@ -54,6 +54,7 @@ __all__ = [
     "evaluate",
     "format_table",
     "ground_truth_generate_fn",
+    "heldout_material",
     "true_scenes_generate_fn",
     "match_spec",
     "normalize_answer",
@@ -438,19 +439,30 @@ class DetectionAnswerer:
         return ""
 
 
+def heldout_material(scene: Scene, world: ShapesWorld) -> str | None:
+    """What of `scene` the training split never contains: `"object"` when one of its objects is a held-out
+    colour/shape combination (the model has never seen that object at all), `"layout"` when only its two-object layout
+    is held out (every object seen, never in this arrangement), None when nothing is held out."""
+    if any(world.is_heldout_object(o) for o in scene.spec.objects):
+        return "object"
+    return "layout" if world.is_heldout_layout(scene.spec) else None
+
+
 def understanding_accuracy(
     answer_fn: AnswerFn, scenes: Sequence[Scene], world: ShapesWorld | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Exact-match accuracy (after `normalize_answer`) of `answer_fn` on every question of `scenes`.
 
     Returns:
-        (summary, items): summary maps each question type, each scene kind (`kind:<name>`) and `overall` to
-        `{"accuracy", "n"}`; items hold one record per question.
+        (summary, items): summary maps each question type, each scene kind (`kind:<name>`), each kind's scenes by
+        held-out material (`kind:<name>/heldout-object`, `kind:<name>/heldout-layout`, see `heldout_material`;
+        present when such scenes are there) and `overall` to `{"accuracy", "n"}`; items hold one record per question.
     """
     world = world or ShapesWorld()
     items: list[dict[str, Any]] = []
     for scene in scenes:
         image = scene.render(world)
+        heldout = heldout_material(scene, world)
         for question, answer, qtype in scene.qa:
             raw = answer_fn(image, question)
             ok = normalize_answer(raw) == answer
@@ -459,6 +471,7 @@ def understanding_accuracy(
                     "kind": scene.spec.kind,
                     "index": scene.index,
                     "novel": scene.novel,
+                    "heldout": heldout,
                     "type": qtype,
                     "question": question,
                     "answer": answer,
@@ -468,9 +481,19 @@ def understanding_accuracy(
             )
     groups: dict[str, list[bool]] = {}
     for item in items:
-        for key in (item["type"], f"kind:{item['kind']}", "overall"):
+        keys = [item["type"], f"kind:{item['kind']}", "overall"]
+        if item["heldout"] is not None:
+            keys.append(f"kind:{item['kind']}/heldout-{item['heldout']}")
+        for key in keys:
             groups.setdefault(key, []).append(item["correct"])
-    summary = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in groups.items()}
+
+    # question types first, then the scene kinds each followed by its held-out groups, then overall
+    def place(key: str) -> tuple[bool, bool, int]:
+        kind = key.split("/")[0].removeprefix("kind:")
+        return key == "overall", key.startswith("kind:"), KINDS.index(kind) if kind in KINDS else -1
+
+    order = sorted(groups, key=place)
+    summary = {k: {"accuracy": sum(groups[k]) / len(groups[k]), "n": len(groups[k])} for k in order}
     return summary, items
 
 
@@ -497,7 +520,8 @@ def generation_accuracy(
     Returns:
         (summary, items): summary maps each kind and `overall` (mean over kinds, as GenEval) to the rates of
         `correct` (as `accuracy`), `colour`, `shape`, `count`, `position`, plus `novel_accuracy` on scenes with
-        held-out material.
+        held-out material, split as `heldout_object_accuracy` / `heldout_layout_accuracy` (`heldout_material`,
+        with `n_heldout_object` / `n_heldout_layout` scenes).
     """
     detector = detector or ShapeDetector()
     specs = list(specs) if specs is not None else [s.spec for s in scenes]
@@ -513,6 +537,7 @@ def generation_accuracy(
         for offset, (scene, image) in enumerate(zip(batch, images)):
             spec = specs[start + offset]
             result = match_spec(spec, detector.detect(image))
+            heldout = heldout_material(scene, detector.world)
             name = f"{scene.spec.kind}_{scene.index:04d}.png"
             if image_dir is not None:
                 image.save(Path(image_dir) / name)
@@ -521,6 +546,7 @@ def generation_accuracy(
                     "kind": scene.spec.kind,
                     "index": scene.index,
                     "novel": scene.novel,
+                    "heldout": heldout,
                     "prompt": scene.caption,
                     "scored_against": spec.caption(),
                     "image": name if image_dir is not None else None,
@@ -539,6 +565,10 @@ def generation_accuracy(
             "novel_accuracy": _rate([r["correct"] for r in rows if r["novel"]]),
             "n": len(rows),
             "n_novel": sum(r["novel"] for r in rows),
+            "heldout_object_accuracy": _rate([r["correct"] for r in rows if r["heldout"] == "object"]),
+            "n_heldout_object": sum(r["heldout"] == "object" for r in rows),
+            "heldout_layout_accuracy": _rate([r["correct"] for r in rows if r["heldout"] == "layout"]),
+            "n_heldout_layout": sum(r["heldout"] == "layout" for r in rows),
         }
     kinds = [k for k in summary]
     summary["overall"] = {
@@ -559,20 +589,21 @@ def format_table(results: Mapping[str, Any]) -> str:
         lines.append(f"scenes of the {results['config']['split']} distribution (not held out; no targets)")
     gen = results.get("generation")
     if gen:
-        lines.append("generation   accuracy  colour  shape   count   position  novel    n")
+        lines.append("generation   accuracy  colour  shape   count   position  novel    h.obj    h.layout n")
         for kind, row in gen.items():
             if kind == "overall":
                 continue
             lines.append(
                 f"  {kind:<10} {_fmt(row['accuracy']):<9} {_fmt(row['colour']):<7} {_fmt(row['shape']):<7} "
-                f"{_fmt(row['count']):<7} {_fmt(row['position']):<9} {_fmt(row['novel_accuracy']):<8} {row['n']}"
+                f"{_fmt(row['count']):<7} {_fmt(row['position']):<9} {_fmt(row['novel_accuracy']):<8} "
+                f"{_fmt(row['heldout_object_accuracy']):<8} {_fmt(row['heldout_layout_accuracy']):<8} {row['n']}"
             )
         lines.append(f"  {'overall':<10} {_fmt(gen['overall']['accuracy']):<9} (mean over kinds)")
     und = results.get("understanding")
     if und:
-        lines.append("understanding  accuracy  n")
+        lines.append("understanding                accuracy  n")
         for key, row in und.items():
-            lines.append(f"  {key:<12} {_fmt(row['accuracy']):<9} {row['n']}")
+            lines.append(f"  {key:<26} {_fmt(row['accuracy']):<9} {row['n']}")
     targets = results.get("targets")
     if targets:
         lines.append("targets")
