@@ -703,6 +703,53 @@ def test_min_snr_weighting_of_the_text_to_image_loss(processor):
             HarmonConfig.from_dict({**base.config.to_dict(), "diffusion_head_config": {"snr_gamma": bad}})
 
 
+def test_x0_readout_loss_adds_a_direct_term_on_the_conditions(processor):
+    """`diffusion_head_config.x0_readout_weight` builds a linear read-out of the clean token from each condition and
+    adds its masked-token MSE, times the weight, to the diffusion loss of the same draws; without it the head has no
+    read-out (converted checkpoints keep upstream's keys); its gradient reaches the MAR; bad weights are refused."""
+    base = tiny_model().eval()
+    assert base.model.diffusion_head.x0_readout is None
+    assert not any("x0_readout" in key for key in base.state_dict())
+    examples = [
+        {"task": TEXT_TO_IMAGE, "pixel_values": torch.rand(3, 64, 64) * 2 - 1, "caption": f"shape {i}"}
+        for i in range(2)
+    ]
+    batch = HarmonDataCollator(processor, unconditional_prob=0.0)(examples)
+    inputs = dict(
+        input_ids=batch["generation_input_ids"],
+        attention_mask=batch["generation_attention_mask"],
+        pixel_values=batch["generation_pixel_values"],
+    )
+    config = HarmonConfig.from_dict({**base.config.to_dict()})
+    config.diffusion_head_config.x0_readout_weight = 0.5
+    model = HarmonForConditionalGeneration(config).eval()
+    incompatible = model.load_state_dict(base.state_dict(), strict=False)
+    assert sorted(incompatible.missing_keys) == [
+        "model.diffusion_head.x0_readout.bias",
+        "model.diffusion_head.x0_readout.weight",
+    ]
+    plain = base.text_to_image_loss(**inputs, generator=torch.Generator().manual_seed(3))
+    result = model.text_to_image_loss(**inputs, generator=torch.Generator().manual_seed(3))
+    assert plain["loss_x0"] is None
+    torch.testing.assert_close(result["z"], plain["z"])  # the same draws and the same network up to the read-out
+    b, length, c = result["latents"].shape
+    readout = model.model.diffusion_head.x0_readout
+    error = (readout(result["z"].reshape(b * length, -1)) - result["latents"].reshape(b * length, c)).pow(2).mean(-1)
+    mask = result["mask"].reshape(-1)
+    assert mask.sum() > 0
+    expected_x0 = (error * mask).sum() / mask.sum()
+    torch.testing.assert_close(result["loss_x0"], expected_x0)
+    torch.testing.assert_close(result["loss"], plain["loss"] + 0.5 * expected_x0)
+    # the term trains the path the conditions come from, not only the read-out
+    result["loss_x0"].backward()
+    assert model.model.mar.diffusion_pos_embed_learned.grad.abs().sum() > 0
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0  # and the prompt's way into them
+    assert readout.weight.grad.abs().sum() > 0
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="x0_readout_weight"):
+            HarmonConfig.from_dict({**base.config.to_dict(), "diffusion_head_config": {"x0_readout_weight": bad}})
+
+
 @requires_scheduler
 def test_understanding_latent_cache_gives_the_same_loss(tmp_path, processor, caplog):
     """Understanding data cached: one VAE pass per distinct picture (two sources share the files), tokens copied

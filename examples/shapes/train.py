@@ -245,6 +245,8 @@ def build_config(model_yaml: dict[str, Any], vae_config: dict[str, Any], tokeniz
     )
     if head.get("snr_gamma") is not None:  # absent / null: upstream's unweighted loss
         head_config["snr_gamma"] = float(head["snr_gamma"])
+    if head.get("x0_readout_weight") is not None:  # absent / null: no auxiliary read-out loss
+        head_config["x0_readout_weight"] = float(head["x0_readout_weight"])
     vae = {k: vae_config[k] for k in HARMON_VAE_KEYS}
     return HarmonConfig(
         text_config=text,

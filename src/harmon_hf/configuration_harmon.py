@@ -93,6 +93,12 @@ class HarmonDiffusionHeadConfig(PreTrainedConfig):
             noise-prediction MSE of a row at timestep t is weighted by min(SNR(t), snr_gamma) / SNR(t), which
             lowers the weight of the nearly clean timesteps where the condition hardly matters. None (upstream):
             every row weighs 1. Training only; sampling does not read it.
+        x0_readout_weight (`float`, *optional*): weight of an auxiliary text-to-image loss on the head's
+            conditions: a linear read-out (`HarmonDiffusionHead.x0_readout`, built only when this is set) predicts
+            each masked token's clean latent from its condition `z`, and its mean squared error, times this weight,
+            is added to the diffusion loss. The read-out's error has no diffusion noise in it, so it gives the MAR and
+            the LLM a direct signal of which token belongs where. None (upstream): no read-out, no extra term.
+            Training only; sampling does not use the read-out.
     """
 
     model_type = "harmon_diffusion_head"
@@ -109,14 +115,16 @@ class HarmonDiffusionHeadConfig(PreTrainedConfig):
     diffusion_batch_mul: int = 4
     initializer_range: float = 0.02
     snr_gamma: float | None = None
+    x0_readout_weight: float | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        gamma = self.snr_gamma
-        if gamma is not None and (
-            isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < float("inf")
-        ):
-            raise ValueError(f"snr_gamma must be a positive number or None, got {gamma!r}")
+        for name in ("snr_gamma", "x0_readout_weight"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")
+            ):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
         if self.beta_schedule != "squaredcos_cap_v2":
             raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported; Harmon uses 'squaredcos_cap_v2'.")
 

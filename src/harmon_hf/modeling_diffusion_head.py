@@ -110,6 +110,8 @@ class HarmonDiffusionHead(nn.Module):
         self.input_proj = nn.Linear(config.in_channels, width)
         self.res_blocks = nn.ModuleList([HarmonResBlock(width) for _ in range(config.num_res_blocks)])
         self.final_layer = HarmonFinalLayer(width, config.out_channels)
+        # training-only read-out of the clean token from the condition (config.x0_readout_weight)
+        self.x0_readout = nn.Linear(config.cond_channels, config.in_channels) if config.x0_readout_weight else None
 
     def embed_condition(self, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """y = t_emb + cond_embed(c): `(N,)`, `(N, cond_channels)` -> `(N, model_channels)`."""

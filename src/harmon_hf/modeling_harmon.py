@@ -634,9 +634,18 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         else:
             terms = loss_mse * self.min_snr_weights(timesteps, gamma).to(loss_mse) + loss_vb
         loss = (terms * diffusion_mask).sum() / diffusion_mask.sum()
+        loss_x0 = None
+        readout_weight = self.config.diffusion_head_config.x0_readout_weight
+        if readout_weight:
+            # the condition's own read-out of the clean token, on the masked tokens (no diffusion noise involved)
+            flat_mask = mask.reshape(b * length)
+            x0_error = self.model.diffusion_head.x0_readout(z.reshape(b * length, -1)) - latents.reshape(b * length, c)
+            loss_x0 = (x0_error.float().pow(2).mean(-1) * flat_mask).sum() / flat_mask.sum()
+            loss = loss + readout_weight * loss_x0
         return dict(
             step,
             loss=loss,
+            loss_x0=loss_x0,
             latents=latents,
             mask=mask,
             target=target,
