@@ -650,6 +650,9 @@ def test_train_script_study_settings(tmp_path):
         ["--model-set", "mar.position_init_std=-1"],
         ["--model-set", "vae.locality_weight=-1"],
         ["--model-set", "vae.attention=1"],
+        ["--model-set", "diffusion_head.x0_readout_weight=-1"],
+        ["--model-set", "diffusion_head.x0_readout_weight=abc"],
+        ["--model-set", "diffusion_head.snr_gamma=0"],
     ):
         with pytest.raises(SystemExit):
             script.main(["--out", str(tmp_path / "bad"), "--smoke", *argv])

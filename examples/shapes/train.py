@@ -304,6 +304,18 @@ def check_position_init_std(std: Any) -> None:
         raise ValueError(f"mar.position_init_std must be a positive number or absent, got {std!r}")
 
 
+def check_head_options(head: dict[str, Any]) -> None:
+    """Refuse model.yaml's training-loss options of the diffusion head (`snr_gamma`, `x0_readout_weight`) that its
+    config would refuse, before anything is written (ValueError naming the entry)."""
+    from harmon_hf.configuration_harmon import HarmonDiffusionHeadConfig
+
+    for name in ("snr_gamma", "x0_readout_weight"):
+        try:
+            HarmonDiffusionHeadConfig(**{name: head.get(name)})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"diffusion_head.{name}: {error}") from None
+
+
 def restart_position_tables(model: Any, std: float | None, seed: int) -> None:
     """Draw the MAR's three learned position tables from N(0, `std`) (None: keep upstream's N(0, 0.02)).
 
@@ -549,6 +561,7 @@ def main(argv: list[str] | None = None) -> None:
         model_settings = parse_assignments(args.model_set, "--model-set")
         model_yaml = apply_model_settings(load_yaml(CONFIGS / "model.yaml"), model_settings)
         check_position_init_std(model_yaml["mar"].get("position_init_std"))
+        check_head_options(model_yaml["diffusion_head"])
     except ValueError as error:
         parser.error(str(error))
     settings = {"set": stage_settings, "steps_scale": args.steps_scale, "model_set": model_settings}
