@@ -664,21 +664,26 @@ def test_latent_cache_runs_the_vae_where_the_vae_is(tmp_path, processor):
         torch.testing.assert_close(cache.get(index), tokens)
 
 
-def test_min_snr_weighting_of_the_text_to_image_loss(processor):
-    """`diffusion_head_config.snr_gamma` weighs each row's noise MSE by min(SNR, gamma) / SNR and leaves the VB term:
-    the loss equals that sum computed from the returned terms, an unreachable gamma gives upstream's loss, and a bad
-    gamma is refused by the config."""
-    base = tiny_model().eval()
+def _t2i_inputs(processor) -> dict[str, torch.Tensor]:
+    """`text_to_image_loss` inputs of two random 64 px pictures with short captions."""
     examples = [
         {"task": TEXT_TO_IMAGE, "pixel_values": torch.rand(3, 64, 64) * 2 - 1, "caption": f"shape {i}"}
         for i in range(2)
     ]
     batch = HarmonDataCollator(processor, unconditional_prob=0.0)(examples)
-    inputs = dict(
+    return dict(
         input_ids=batch["generation_input_ids"],
         attention_mask=batch["generation_attention_mask"],
         pixel_values=batch["generation_pixel_values"],
     )
+
+
+def test_min_snr_weighting_of_the_text_to_image_loss(processor):
+    """`diffusion_head_config.snr_gamma` weighs each row's noise MSE by min(SNR, gamma) / SNR and leaves the VB term:
+    the loss equals that sum computed from the returned terms, an unreachable gamma gives upstream's loss, and a bad
+    gamma is refused by the config."""
+    base = tiny_model().eval()
+    inputs = _t2i_inputs(processor)
     results = {}
     for gamma in (None, 5.0, 1e30):
         config = HarmonConfig.from_dict({**base.config.to_dict()})
@@ -710,16 +715,7 @@ def test_x0_readout_loss_adds_a_direct_term_on_the_conditions(processor):
     base = tiny_model().eval()
     assert base.model.diffusion_head.x0_readout is None
     assert not any("x0_readout" in key for key in base.state_dict())
-    examples = [
-        {"task": TEXT_TO_IMAGE, "pixel_values": torch.rand(3, 64, 64) * 2 - 1, "caption": f"shape {i}"}
-        for i in range(2)
-    ]
-    batch = HarmonDataCollator(processor, unconditional_prob=0.0)(examples)
-    inputs = dict(
-        input_ids=batch["generation_input_ids"],
-        attention_mask=batch["generation_attention_mask"],
-        pixel_values=batch["generation_pixel_values"],
-    )
+    inputs = _t2i_inputs(processor)
     config = HarmonConfig.from_dict({**base.config.to_dict()})
     config.diffusion_head_config.x0_readout_weight = 0.5
     model = HarmonForConditionalGeneration(config).eval()
