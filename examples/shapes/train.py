@@ -243,10 +243,9 @@ def build_config(model_yaml: dict[str, Any], vae_config: dict[str, Any], tokeniz
         num_res_blocks=head["num_res_blocks"],
         cond_channels=mar["embed_dim"],
     )
-    if head.get("snr_gamma") is not None:  # absent / null: upstream's unweighted loss
-        head_config["snr_gamma"] = float(head["snr_gamma"])
-    if head.get("x0_readout_weight") is not None:  # absent / null: no auxiliary read-out loss
-        head_config["x0_readout_weight"] = float(head["x0_readout_weight"])
+    for name in HEAD_LOSS_OPTIONS:  # absent / null: upstream's loss (unweighted, no read-out term)
+        if head.get(name) is not None:
+            head_config[name] = float(head[name])
     vae = {k: vae_config[k] for k in HARMON_VAE_KEYS}
     return HarmonConfig(
         text_config=text,
@@ -304,12 +303,16 @@ def check_position_init_std(std: Any) -> None:
         raise ValueError(f"mar.position_init_std must be a positive number or absent, got {std!r}")
 
 
+# model.yaml's `diffusion_head:` entries that shape the training loss (HarmonDiffusionHeadConfig fields, null = upstream)
+HEAD_LOSS_OPTIONS = ("snr_gamma", "x0_readout_weight")
+
+
 def check_head_options(head: dict[str, Any]) -> None:
     """Refuse model.yaml's training-loss options of the diffusion head (`snr_gamma`, `x0_readout_weight`) that its
     config would refuse, before anything is written (ValueError naming the entry)."""
     from harmon_hf.configuration_harmon import HarmonDiffusionHeadConfig
 
-    for name in ("snr_gamma", "x0_readout_weight"):
+    for name in HEAD_LOSS_OPTIONS:
         try:
             HarmonDiffusionHeadConfig(**{name: head.get(name)})
         except (TypeError, ValueError) as error:
