@@ -205,6 +205,11 @@ def test_slots_layout_puts_every_object_in_its_slot():
 def test_world_layout_validation_and_round_trip():
     with pytest.raises(ValueError, match="'grid'"):
         ShapesWorld(layout="grid")
+    with pytest.raises(ValueError, match=r"\['pairs'\]"):
+        ShapesWorld(kind_weights={"pairs": 1.0})
+    for bad in ({"pair": -1.0}, {"pair": 0.0}, {"pair": float("nan")}):
+        with pytest.raises(ValueError, match="kind_weights must be finite"):
+            ShapesWorld(kind_weights=bad)
     with pytest.raises(ValueError, match="max_count=4"):
         ShapesWorld(layout="slots", max_count=4)
     assert ShapesWorld.from_dict(json.loads(json.dumps(SLOTS_WORLD.to_dict()))) == SLOTS_WORLD
@@ -653,6 +658,17 @@ def test_train_script_study_settings(tmp_path):
         ["--model-set", "diffusion_head.x0_readout_weight=-1"],
         ["--model-set", "diffusion_head.x0_readout_weight=abc"],
         ["--model-set", "diffusion_head.snr_gamma=0"],
+        ["--model-set", "grad_scale_image2text=-1"],
+        ["--model-set", "grad_scale_image2text=.nan"],
+        ["--model-set", "kind_weights.pair=-0.5"],
+        [
+            "--model-set",
+            "kind_weights.single=0",
+            "--model-set",
+            "kind_weights.pair=0",
+            "--model-set",
+            "kind_weights.count=0",
+        ],
     ):
         with pytest.raises(SystemExit):
             script.main(["--out", str(tmp_path / "bad"), "--smoke", *argv])
@@ -717,9 +733,24 @@ def test_train_script_smoke_builds_the_configured_model(tmp_path):
         state = json.loads((out / name / "trainer_state.json").read_text())
         assert state["global_step"] == script.SMOKE_OVERRIDES["max_steps"]
     assert load_world(out / "harmon-shapes").layout == model_yaml["layout"]
+    assert load_world(out / "harmon-shapes").kind_weights == model_yaml["kind_weights"]
+    model_config = json.loads((out / "harmon-shapes" / "model" / "config.json").read_text())
+    assert model_config["grad_scale_image2text"] == model_yaml["grad_scale_image2text"]
 
     from harmon_hf.pipeline_harmon import HarmonPipeline
 
     pipe = HarmonPipeline.from_pretrained(out / "harmon-shapes")
     assert list(pipe.model.model.vae.config.block_out_channels) == model_yaml["vae"]["block_out_channels"]
     assert pipe.scheduler.config.clip_sample is True
+
+
+def test_train_script_data_follows_the_kind_weights(tmp_path):
+    """model.yaml's `kind_weights` decide the mix of the training pictures; a folder written with another mix is
+    refused rather than mixed into."""
+    script = load_example("shapes/train.py")
+    data, world = script.make_data(tmp_path, 12, 3, layout="slots", kind_weights={"pair": 1.0})
+    assert world.kind_weights == {"pair": 1.0}
+    records = json.loads((data / "train" / "captions.json").read_text())
+    assert [r["kind"] for r in records] == ["pair"] * 12
+    with pytest.raises(ValueError, match="kind weights"):
+        script.make_data(tmp_path, 12, 3, layout="slots")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce Harmon-Shapes, the embedded default model, from scratch on CPU (issue #7).
 
-    python examples/shapes/train.py --out out/harmon-shapes                 # the shipped weights, 50-80 min on 2 cores
+    python examples/shapes/train.py --out out/harmon-shapes                 # the shipped weights, 43-83 min on 2 cores
     python examples/shapes/train.py --out out/harmon-shapes --ship          # ... and install it as the default model
     python examples/shapes/train.py --out out/hs-repro --vae default        # the shipped autoencoder, then the stages
     python examples/shapes/train.py --out /tmp/hs-smoke --smoke             # every step in under a minute
@@ -14,7 +14,7 @@ The steps (each skipped when its output already exists in OUT, so an interrupted
 1. `OUT/data`: the Harmon-Shapes train/test splits and the ~500-token tokenizer (`harmon_hf.shapes.data`,
    `harmon_hf.shapes.tokenizer`; seconds).
 2. `OUT/vae`: the kl16-layout autoencoder of `model.yaml`'s `vae:` section (`harmon_hf.shapes.vae.train_vae`;
-   about 14 minutes), or with `--vae SOURCE` the autoencoder of SOURCE (`default`: the shipped model's).
+   8 minutes on AVX-512, about 14 on AVX2), or with `--vae SOURCE` the autoencoder of SOURCE (`default`: the shipped model's).
 3. `OUT/stage0`: a randomly initialised Harmon of the architecture in `examples/shapes/configs/model.yaml`
    (a small Qwen2 LLM from scratch, a small MAR and diffusion head; the MAR's position tables drawn at model.yaml's
    `position_init_std`) with the trained VAE inside, and its processor.
@@ -85,20 +85,30 @@ def load_yaml(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------------
 # 1-2: data and autoencoder
 # ------------------------------------------------------------------------------------------------------------------
-def make_data(out: Path, train: int, test: int, seed: int = 0, layout: str = "random") -> tuple[Path, Any]:
-    """Write OUT/data/{train,test,tokenizer} unless present (`layout`: see `ShapesWorld.layout`); returns the data
-    folder and its `ShapesWorld`."""
+def make_data(
+    out: Path,
+    train: int,
+    test: int,
+    seed: int = 0,
+    layout: str = "random",
+    kind_weights: dict[str, float] | None = None,
+) -> tuple[Path, Any]:
+    """Write OUT/data/{train,test,tokenizer} unless present (`layout`, `kind_weights`: see `ShapesWorld`; None: the
+    world's default mix); returns the data folder and its `ShapesWorld`."""
     from harmon_hf.shapes.data import ShapesWorld, write_dataset, write_ordered_captions
     from harmon_hf.shapes.tokenizer import save_tokenizer
 
     data = out / "data"
-    world = ShapesWorld(resolution=64, layout=layout)
+    world = ShapesWorld(resolution=64, layout=layout, **({"kind_weights": dict(kind_weights)} if kind_weights else {}))
     for split, n in (("train", train), ("test", test)):
         written = data / split / "world.json"
         if written.is_file():
             # an interrupted run continues only in the world it started in
             if ShapesWorld.from_dict(json.loads(written.read_text(encoding="utf-8"))["world"]) != world:
-                raise ValueError(f"{written} holds another world than this run's (layout {layout!r}); use a new --out")
+                raise ValueError(
+                    f"{written} holds another world than this run's (layout {layout!r}, kind weights "
+                    f"{world.kind_weights}); use a new --out"
+                )
             if not (data / split / "ordered" / "data_info.json").is_file():  # written before ordered captions
                 write_ordered_captions(data / split)
         else:
@@ -255,6 +265,12 @@ def build_config(model_yaml: dict[str, Any], vae_config: dict[str, Any], tokeniz
         image_token_id=image_token_id,
         vae_scale=float(vae_config["scaling_factor"]),  # 1 / std of the posterior means (train_vae)
         image_size=model_yaml["image_size"],
+        # absent / null: upstream's 0.1 (the understanding loss barely trains the shared MAR encoder)
+        **(
+            {}
+            if model_yaml.get("grad_scale_image2text") is None
+            else {"grad_scale_image2text": float(model_yaml["grad_scale_image2text"])}
+        ),
     )
 
 
@@ -301,6 +317,23 @@ def check_position_init_std(std: Any) -> None:
     """Refuse a `mar.position_init_std` that is neither None nor a positive finite number (ValueError naming it)."""
     if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < float("inf")):
         raise ValueError(f"mar.position_init_std must be a positive number or absent, got {std!r}")
+
+
+def check_data_and_loss_options(model_yaml: dict[str, Any]) -> None:
+    """Refuse a `kind_weights` that `ShapesWorld` would refuse and a `grad_scale_image2text` that is neither None
+    nor a finite number >= 0, before anything is written (ValueError naming the entry)."""
+    from harmon_hf.shapes.data import ShapesWorld
+
+    weights = model_yaml.get("kind_weights")
+    if weights is not None:
+        if not isinstance(weights, dict):
+            raise ValueError(f"kind_weights must map scene kinds to weights, got {weights!r}")
+        ShapesWorld(kind_weights=dict(weights))
+    scale = model_yaml.get("grad_scale_image2text")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf")
+    ):
+        raise ValueError(f"grad_scale_image2text must be a finite number >= 0 or absent, got {scale!r}")
 
 
 # model.yaml's `diffusion_head:` entries that shape the training loss (HarmonDiffusionHeadConfig fields, null = upstream)
@@ -565,6 +598,7 @@ def main(argv: list[str] | None = None) -> None:
         model_yaml = apply_model_settings(load_yaml(CONFIGS / "model.yaml"), model_settings)
         check_position_init_std(model_yaml["mar"].get("position_init_std"))
         check_head_options(model_yaml["diffusion_head"])
+        check_data_and_loss_options(model_yaml)
     except ValueError as error:
         parser.error(str(error))
     settings = {"set": stage_settings, "steps_scale": args.steps_scale, "model_set": model_settings}
@@ -602,7 +636,14 @@ def main(argv: list[str] | None = None) -> None:
         clock = now
 
     layout = args.layout or model_yaml.get("layout", "random")
-    data, world = make_data(out, 200 if args.smoke else args.train, 30 if args.smoke else args.test, args.seed, layout)
+    data, world = make_data(
+        out,
+        200 if args.smoke else args.train,
+        30 if args.smoke else args.test,
+        args.seed,
+        layout,
+        model_yaml.get("kind_weights"),
+    )
     lap("data")
     if given_vae is not None:
         try:

@@ -288,6 +288,14 @@ class ShapesWorld:
         for colour, shape in self.heldout_combos:
             if colour not in self.palette or shape not in self.shapes:
                 raise ValueError(f"held-out combination ({colour}, {shape}) is not in the world")
+        unknown_kinds = set(self.kind_weights) - set(KINDS)
+        if unknown_kinds:
+            raise ValueError(f"unknown scene kinds in kind_weights: {sorted(unknown_kinds)}; known: {KINDS}")
+        weights = list(self.kind_weights.values())
+        if not all(isinstance(w, (int, float)) and 0 <= w < float("inf") for w in weights) or not sum(weights) > 0:
+            raise ValueError(
+                f"kind_weights must be finite and non-negative with a positive sum, got {self.kind_weights}"
+            )
         if not 1 <= self.max_count < len(NUMBER_WORDS):
             raise ValueError(f"max_count must lie in [1, {len(NUMBER_WORDS) - 1}]")
         if self.layout == "slots" and f"count{self.max_count}" not in SLOTS:
