@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce Harmon-Shapes, the embedded default model, from scratch on CPU (issue #7).
 
-    python examples/shapes/train.py --out out/harmon-shapes                 # the shipped weights, 43-83 min on 2 cores
+    python examples/shapes/train.py --out out/harmon-shapes                 # the shipped weights, 32-83 min on 2 cores
     python examples/shapes/train.py --out out/harmon-shapes --ship          # ... and install it as the default model
     python examples/shapes/train.py --out out/hs-repro --vae default        # the shipped autoencoder, then the stages
     python examples/shapes/train.py --out /tmp/hs-smoke --smoke             # every step in under a minute
@@ -14,7 +14,8 @@ The steps (each skipped when its output already exists in OUT, so an interrupted
 1. `OUT/data`: the Harmon-Shapes train/test splits and the ~500-token tokenizer (`harmon_hf.shapes.data`,
    `harmon_hf.shapes.tokenizer`; seconds).
 2. `OUT/vae`: the kl16-layout autoencoder of `model.yaml`'s `vae:` section (`harmon_hf.shapes.vae.train_vae`;
-   8 minutes on AVX-512, about 14 on AVX2), or with `--vae SOURCE` the autoencoder of SOURCE (`default`: the shipped model's).
+   7-8 minutes on AVX-512, about 14 on AVX2), or with `--vae SOURCE` the autoencoder of SOURCE (`default`: the
+   shipped model's).
 3. `OUT/stage0`: a randomly initialised Harmon of the architecture in `examples/shapes/configs/model.yaml`
    (a small Qwen2 LLM from scratch, a small MAR and diffusion head; the MAR's position tables drawn at model.yaml's
    `position_init_std`) with the trained VAE inside, and its processor.
@@ -257,6 +258,9 @@ def build_config(model_yaml: dict[str, Any], vae_config: dict[str, Any], tokeniz
         if head.get(name) is not None:
             head_config[name] = float(head[name])
     vae = {k: vae_config[k] for k in HARMON_VAE_KEYS}
+    extra = {}
+    if model_yaml.get("grad_scale_image2text") is not None:  # absent / null: upstream's 0.1
+        extra["grad_scale_image2text"] = float(model_yaml["grad_scale_image2text"])
     return HarmonConfig(
         text_config=text,
         mar_config=mar_config,
@@ -265,12 +269,7 @@ def build_config(model_yaml: dict[str, Any], vae_config: dict[str, Any], tokeniz
         image_token_id=image_token_id,
         vae_scale=float(vae_config["scaling_factor"]),  # 1 / std of the posterior means (train_vae)
         image_size=model_yaml["image_size"],
-        # absent / null: upstream's 0.1 (the understanding loss barely trains the shared MAR encoder)
-        **(
-            {}
-            if model_yaml.get("grad_scale_image2text") is None
-            else {"grad_scale_image2text": float(model_yaml["grad_scale_image2text"])}
-        ),
+        **extra,
     )
 
 
