@@ -9,6 +9,7 @@ Examples:
     python benchmarks/bench_generate.py                                   # tiny + small, fp32 + bf16, batch 1 and 8
     python benchmarks/bench_generate.py --configs 0.5b --dtypes bf16 --rounds 4 16 --batch-sizes 1
     python benchmarks/bench_generate.py --configs small --scheduler dpm --diffusion-steps 20   # fast mode
+    python benchmarks/bench_generate.py --configs small --dtypes bf16 --vae-dtype bf16   # bf16 VAE decode too
     python benchmarks/bench_generate.py --configs tiny --json results.json
 
 Rounds below a configuration's nominal count (64 for the Harmon shapes) are flagged "reduced" in the table; when a
@@ -51,6 +52,14 @@ except ImportError:  # an older harmon_hf (before/after comparisons): one VAE ca
 
     def decode_in_slices(model, tokens, batch_size=None):
         return torch.cat([model.decode_image_tokens(part) for part in tokens.split(batch_size or 1)])
+
+
+try:
+    from harmon_hf.pipeline_harmon import set_vae_dtype
+except ImportError:  # an older harmon_hf
+
+    def set_vae_dtype(model, dtype):
+        model.model.vae.to(dtype)
 
 
 PARTS = ("LLM", "MAR encoder", "MAR decoder", "diffusion head", "VAE decode")
@@ -152,6 +161,8 @@ def run_case(case: dict) -> dict:
     rss_start = rss_bytes()
     t0 = time.perf_counter()
     model = build_random_model(config, dtype=dtype, device=device)
+    # the model keeps its VAE float32 whatever `dtype` is; --vae-dtype casts it
+    set_vae_dtype(model, DTYPES[case.get("vae_dtype") or "fp32"])
     build_s = time.perf_counter() - t0
     stride = config.image_stride
     size = (case["image_size"] // stride, case["image_size"] // stride)
@@ -255,6 +266,7 @@ def print_table(results: list[dict]) -> None:
     for res in results:
         rounds = f"{res['rounds']}" + (" (red.)" if res["reduced"] else "")
         sched = f"{res['scheduler']}/{res['diffusion_steps'] or 100}"
+        dtype = res["dtype"] + ("" if res.get("vae_dtype", "fp32") == "fp32" else f"+vae-{res['vae_dtype']}")
         parts = ""
         if isinstance(res.get("breakdown"), dict):
             total = res["breakdown"]["total_s"]
@@ -267,7 +279,7 @@ def print_table(results: list[dict]) -> None:
             if "cuda_max_allocated" in entry:
                 mem += f" / {fmt_bytes(entry['cuda_max_allocated'])} CUDA"
             print(
-                f"{res['config']:7s} {res['dtype']:5s} {res['image_size']:5d} {rounds:>10s} {sched:>9s} {batch:>5s} "
+                f"{res['config']:7s} {dtype:5s} {res['image_size']:5d} {rounds:>10s} {sched:>9s} {batch:>5s} "
                 f"{entry['s_per_image']:9.3f} {entry['images_per_s']:7.3f} {mem:>10s} "
                 f"{res['flops_per_image']['total'] / 1e9:10.1f}  {parts if batch == '1' else ''}"
             )
@@ -275,7 +287,14 @@ def print_table(results: list[dict]) -> None:
     # linear extrapolation to the nominal rounds where a case was measured at >= 2 round counts
     groups: dict[tuple, list[dict]] = {}
     for res in results:
-        key = (res["config"], res["dtype"], res["image_size"], res["scheduler"], res["diffusion_steps"])
+        key = (
+            res["config"],
+            res["dtype"],
+            res["image_size"],
+            res["scheduler"],
+            res["diffusion_steps"],
+            res.get("vae_dtype", "fp32"),
+        )
         groups.setdefault(key, []).append(res)
     for key, members in groups.items():
         counts = sorted({m["rounds"] for m in members})
@@ -306,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", default="ddpm", choices=["ddpm", "ddim", "dpm"], help="the head's sampler")
     parser.add_argument("--diffusion-steps", type=int, help="head steps per round (default: the scheduler's, 100)")
     parser.add_argument("--vae-batch-size", type=int, help="images per VAE decode (default: as HarmonPipeline)")
+    parser.add_argument(
+        "--vae-dtype",
+        default="fp32",
+        choices=sorted(DTYPES),
+        help="the VAE's dtype (default fp32, which the model keeps under any --dtypes)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads in each case")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing run")
@@ -339,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                     diffusion_steps=args.diffusion_steps,
                     device=args.device,
                     vae_batch_size=args.vae_batch_size,
+                    vae_dtype=args.vae_dtype,
                     threads=args.threads,
                     with_breakdown=not args.no_breakdown,
                     measure_flops=args.measure_flops,

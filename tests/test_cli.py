@@ -155,6 +155,16 @@ def test_generate_seeds_and_files(tmp_path, model_dir, capsys):
     )
     assert rc == 0, err
     assert Image.open(tmp_path / "wide.png").size == (96, 32)
+    # a bfloat16 VAE: the same picture up to rounding
+    rc, _, err = run_cli(
+        ["generate", "a red cube", "--model", str(model_dir), "-o", str(tmp_path / "vae16.png"), "--seed", "8"]
+        + ["--quiet", "--vae-dtype", "bfloat16"]
+        + FAST,
+        capsys,
+    )
+    assert rc == 0, err
+    half = np.asarray(Image.open(tmp_path / "vae16.png")).astype(int)
+    assert np.abs(half - single).mean() < 2
 
 
 def test_caption(model_dir, picture, capsys):

@@ -166,7 +166,17 @@ def _add_model_arg(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     group.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (VAE stays fp32)"
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights dtype (default float32; the VAE keeps its own, see --vae-dtype)",
+    )
+    group.add_argument(
+        "--vae-dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="the VAE's dtype (default float32; bfloat16 decodes faster on GPUs and CPUs with AMX, for pictures "
+        "that differ by rounding: docs/performance.md)",
     )
 
 
@@ -213,14 +223,16 @@ def _quiet_loading() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def load_pipeline(folder: Path, device: str, dtype: str):
-    """A `HarmonPipeline` on `device` from a pipeline folder or a flat (training output) folder."""
+def load_pipeline(folder: Path, device: str, dtype: str, vae_dtype: str = "float32"):
+    """A `HarmonPipeline` on `device` from a pipeline folder or a flat (training output) folder; the weights in
+    `dtype`, the VAE in `vae_dtype` (torch dtype names)."""
     import torch
 
-    from .pipeline_harmon import HarmonPipeline
+    from .pipeline_harmon import HarmonPipeline, set_vae_dtype
 
     _quiet_loading()
     pipe = HarmonPipeline.from_pretrained(folder, dtype=getattr(torch, dtype))
+    set_vae_dtype(pipe.model, getattr(torch, vae_dtype))
     pipe.to(device)
     pipe.model.eval()
     return pipe
@@ -266,7 +278,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"unknown image file extension for --output: {out} (use .png or .jpg)")
     folder = resolve_model(args.model)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    pipe = load_pipeline(folder, _device(args.device), args.dtype)
+    pipe = load_pipeline(folder, _device(args.device), args.dtype, args.vae_dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
     result = pipe(
         args.prompt,
@@ -385,6 +397,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "seed_rule": "torch.Generator().manual_seed(seed + prompt_index * num_images + sample_index)",
         "dtype": args.dtype,
+        "vae_dtype": args.vae_dtype,
         **_sampling_kwargs(args),
     }
     # every process checks the settings and computes the same to-do list before anything is written
@@ -405,7 +418,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
 
     pipe = None
     if any(missing for _, missing in mine):
-        pipe = load_pipeline(folder, args.device or str(state.device), args.dtype)
+        pipe = load_pipeline(folder, args.device or str(state.device), args.dtype, args.vae_dtype)
         pipe.set_progress_bar_config(disable=True)
     sampling = _sampling_kwargs(args)
 
@@ -448,11 +461,13 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # understanding: caption and chat
 # ----------------------------------------------------------------------------------------------------------------
-def load_understanding(folder: Path, device: str, dtype: str):
-    """`(model, processor)` from a pipeline folder (`model/`, `processor/`) or a flat folder."""
+def load_understanding(folder: Path, device: str, dtype: str, vae_dtype: str = "float32"):
+    """`(model, processor)` from a pipeline folder (`model/`, `processor/`) or a flat folder; the weights in
+    `dtype`, the VAE (which encodes the pictures) in `vae_dtype`."""
     import torch
 
     from .modeling_harmon import HarmonForConditionalGeneration
+    from .pipeline_harmon import set_vae_dtype
     from .processing_harmon import HarmonProcessor
 
     _quiet_loading()
@@ -460,6 +475,7 @@ def load_understanding(folder: Path, device: str, dtype: str):
     psub = "processor" if (folder / "processor").is_dir() else None
     model = HarmonForConditionalGeneration.from_pretrained(folder, subfolder=sub, dtype=getattr(torch, dtype))
     processor = HarmonProcessor.from_pretrained(folder, subfolder=psub)
+    set_vae_dtype(model, getattr(torch, vae_dtype))
     return model.to(device).eval(), processor
 
 
@@ -491,7 +507,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     image = open_image(args.image)
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
-    model, processor = load_understanding(resolve_model(args.model), _device(args.device), args.dtype)
+    model, processor = load_understanding(resolve_model(args.model), _device(args.device), args.dtype, args.vae_dtype)
     content = [{"type": "image"}, {"type": "text", "text": args.prompt}]
     print(answer(model, processor, [{"role": "user", "content": content}], [image], args.max_new_tokens))
     return 0
@@ -502,7 +518,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     pending: list = [open_image(p) for p in args.image or []]
-    model, processor = load_understanding(resolve_model(args.model), _device(args.device), args.dtype)
+    model, processor = load_understanding(resolve_model(args.model), _device(args.device), args.dtype, args.vae_dtype)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     messages: list[dict] = []
     images: list = []

@@ -231,9 +231,10 @@ class HarmonPipeline(DiffusionPipeline):
                 bounded. `None` = all images in one call. With one generator per image the chunks give the same
                 images as one call (each image draws only from its own generator); one shared generator is consumed
                 chunk after chunk. Injected `diffusion_init_noise` / `diffusion_step_noise` need a single call.
-            vae_batch_size: images per VAE decode call. Default: 1 on a CPU (a batched decode is slower per image
-                there, its activations fall out of the caches: 2x slower at 8 images of 256 px, and 8 GB instead of
-                1), the whole chunk elsewhere.
+            vae_batch_size: images per VAE decode call. Default: 1 for a float32 VAE on a CPU (a batched decode
+                is slower per image there, its activations fall out of the caches: 2x slower at 8 images of 256 px,
+                and 8 GB instead of 1), the whole chunk elsewhere (a bfloat16 VAE, `pipe.vae.to(torch.bfloat16)`,
+                decodes 8 images of 256 px in one call at 0.32 s each against 0.50 s one by one on a CPU with AMX).
 
         Examples:
 
@@ -390,13 +391,33 @@ class HarmonPipeline(DiffusionPipeline):
         return self.peft_model
 
 
+def set_vae_dtype(model: HarmonForConditionalGeneration, dtype: torch.dtype) -> None:
+    """Cast the model's VAE to `dtype` in place (loading keeps it float32 whatever the model's dtype; a bfloat16 VAE
+    decodes faster on GPUs and on CPUs with AMX, for pictures that differ from the float32 ones by rounding)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"the VAE's dtype must be a floating-point torch.dtype, got {dtype!r}")
+    vae = model.model.vae
+    if vae.dtype == dtype:
+        return
+    # diffusers' `ModelMixin.to` warns about its fp32-kept modules on every dtype cast, even when there are none
+    vae_logger = logging.get_logger("diffusers.models.modeling_utils")
+    level = vae_logger.level
+    vae_logger.setLevel(logging.ERROR)
+    try:
+        vae.to(dtype)
+    finally:
+        vae_logger.setLevel(level)
+
+
 def decode_in_slices(
     model: HarmonForConditionalGeneration, tokens: torch.Tensor, batch_size: int | None = None
 ) -> torch.Tensor:
-    """`model.decode_image_tokens` on slices of at most `batch_size` images (default: 1 on a CPU, all elsewhere; see
-    `HarmonPipeline.__call__`'s `vae_batch_size`). Each image is decoded on its own either way (no cross-image op)."""
+    """`model.decode_image_tokens` on slices of at most `batch_size` images (default: 1 for a float32 VAE on a CPU,
+    all otherwise; see `HarmonPipeline.__call__`'s `vae_batch_size`). Each image is decoded on its own either way (no
+    cross-image op)."""
     if batch_size is None:
-        batch_size = 1 if tokens.device.type == "cpu" else tokens.shape[0]
+        one_by_one = tokens.device.type == "cpu" and model.model.vae.dtype == torch.float32
+        batch_size = 1 if one_by_one else tokens.shape[0]
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"vae_batch_size must be a positive integer or None, got {batch_size!r}")
     if batch_size >= tokens.shape[0]:

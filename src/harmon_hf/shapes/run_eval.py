@@ -54,11 +54,17 @@ def load_world(folder: str | Path) -> ShapesWorld:
         raise ValueError(f"{path} is not a valid Harmon-Shapes world: {err}") from err
 
 
-def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_model(
+    folder: str | Path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
+):
     """`(pipeline, model, processor)` from a pipeline folder, or from a training output folder (model + processor
-    files in one folder, wrapped here in a pipeline with the default `HarmonDDPMScheduler`)."""
+    files in one folder, wrapped here in a pipeline with the default `HarmonDDPMScheduler`); the weights in
+    `dtype`, the VAE in `vae_dtype`."""
     from ..modeling_harmon import HarmonForConditionalGeneration
-    from ..pipeline_harmon import HarmonPipeline
+    from ..pipeline_harmon import HarmonPipeline, set_vae_dtype
     from ..processing_harmon import HarmonProcessor
     from ..scheduling_harmon import HarmonDDPMScheduler
 
@@ -71,6 +77,7 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = tor
         pipe = HarmonPipeline(model=model, scheduler=HarmonDDPMScheduler(), processor=processor)
     else:
         raise FileNotFoundError(f"{folder} is neither a HarmonPipeline folder nor a model folder")
+    set_vae_dtype(pipe.model, vae_dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.model.eval()
@@ -164,6 +171,7 @@ def evaluate_model(
     temperature: float = 1.0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
     verbose: bool = True,
     sampler: str = "default",
     diffusion_steps: int | None = None,
@@ -181,7 +189,7 @@ def evaluate_model(
         raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
     if world is None:
         world = load_world(folder)
-    pipe, model, processor = load_model(folder, device=device, dtype=dtype)
+    pipe, model, processor = load_model(folder, device=device, dtype=dtype, vae_dtype=vae_dtype)
     # The world's pictures are drawn at the resolution the model was trained for.
     size = int(model.config.image_size)
     generate_fn = (
@@ -216,6 +224,8 @@ def evaluate_model(
             sampler=sampler,
             diffusion_steps=diffusion_steps,
         ),
+        dtype=str(dtype).removeprefix("torch."),
+        vae_dtype=str(vae_dtype).removeprefix("torch."),
     )
     if out_json is not None:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +237,7 @@ def evaluate_model(
 # command line (the `harmon-hf eval-shapes` subcommand)
 # ------------------------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The evaluation options of `harmon-hf eval-shapes` (the CLI adds `--model`, `--device`, `--dtype`)."""
+    """The evaluation options of `harmon-hf eval-shapes` (the CLI adds `--model`, `--device`, `--dtype`, `--vae-dtype`)."""
     parser.add_argument("--n", type=int, default=50, help="scenes per kind (single, pair, count)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the full result (with every item) here")
     parser.add_argument("--images", default=None, metavar="DIR", help="save the generated pictures here")
@@ -260,7 +270,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, folder: str | Path) -> int:
-    """Run `evaluate_model` with parsed `add_arguments` options (+ `device`, `dtype`) on `folder`."""
+    """Run `evaluate_model` with parsed `add_arguments` options (+ `device`, `dtype`, `vae_dtype`) on `folder`."""
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -282,6 +292,7 @@ def run(args: argparse.Namespace, folder: str | Path) -> int:
         split=args.split,
         device=device,
         dtype=getattr(torch, args.dtype),
+        vae_dtype=getattr(torch, getattr(args, "vae_dtype", "float32")),
     )
     if args.json:
         print(f"wrote {args.json}")
