@@ -134,6 +134,51 @@ def test_bfloat16_pipeline(converted_dir: Path) -> None:
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.float32 and np.isfinite(images).all()
 
 
+def test_sampling_defaults_are_saved_and_used(pipe: HarmonPipeline, tmp_path: Path) -> None:
+    """A folder's `default_num_inference_steps` / `default_guidance_scale` / `default_temperature` round-trip through
+    `model_index.json` and stand in for the arguments a call leaves out; explicit arguments still win; bad values
+    are refused when the pipeline is built."""
+    assert pipe.sampling_defaults == {"num_inference_steps": 64, "guidance_scale": 3.0, "temperature": 1.0}
+    tuned = HarmonPipeline(
+        model=pipe.model,
+        scheduler=pipe.scheduler,
+        processor=pipe.processor,
+        default_num_inference_steps=2,
+        default_guidance_scale=1.5,
+        default_temperature=0.5,
+    )
+    tuned.save_pretrained(tmp_path / "tuned")
+    index = json.loads((tmp_path / "tuned" / "model_index.json").read_text())
+    assert (index["default_num_inference_steps"], index["default_guidance_scale"], index["default_temperature"]) == (
+        2,
+        1.5,
+        0.5,
+    )
+    loaded = HarmonPipeline.from_pretrained(tmp_path / "tuned")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.sampling_defaults == {"num_inference_steps": 2, "guidance_scale": 1.5, "temperature": 0.5}
+
+    def latent(p: HarmonPipeline, **kwargs) -> torch.Tensor:
+        kwargs = dict(height=64, width=64, num_diffusion_steps=4, **kwargs)
+        return p(PROMPTS[0], generator=seeded(0), output_type="latent", **kwargs).images
+
+    rounds = []
+    loaded(PROMPTS[0], height=64, width=64, num_diffusion_steps=2, callback_on_step_end=lambda *a: rounds.append(1))
+    assert len(rounds) == 2  # the folder's two MAR rounds
+    explicit = dict(num_inference_steps=2, guidance_scale=1.5, temperature=0.5)
+    assert torch.equal(latent(loaded), latent(pipe, **explicit))
+    assert not torch.equal(latent(loaded), latent(loaded, temperature=1.0))
+    for bad, message in (
+        (dict(default_num_inference_steps=0), "default_num_inference_steps must be a positive integer"),
+        (dict(default_num_inference_steps=2.5), "default_num_inference_steps must be a positive integer"),
+        (dict(default_guidance_scale=0.5), "default_guidance_scale must be a number >= 1"),
+        (dict(default_temperature=-1.0), "default_temperature must be a number >= 0"),
+        (dict(default_temperature=float("nan")), "default_temperature must be a number >= 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            HarmonPipeline(model=pipe.model, scheduler=pipe.scheduler, processor=pipe.processor, **bad)
+
+
 def test_default_size_is_the_model_resolution(pipe: HarmonPipeline) -> None:
     out = pipe(PROMPTS[0], num_inference_steps=2, num_diffusion_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.images[0].size == (pipe.model.config.image_size,) * 2 == (64, 64)

@@ -661,6 +661,9 @@ def test_train_script_study_settings(tmp_path):
         ["--model-set", "grad_scale_image2text=-1"],
         ["--model-set", "grad_scale_image2text=.nan"],
         ["--model-set", "kind_weights.pair=-0.5"],
+        ["--model-set", "sampling.num_inference_steps=0"],
+        ["--model-set", "sampling.guidance_scale=0.5"],
+        ["--model-set", "sampling.temperature=-1"],
         [
             "--model-set",
             "kind_weights.single=0",
@@ -742,6 +745,7 @@ def test_train_script_smoke_builds_the_configured_model(tmp_path):
     pipe = HarmonPipeline.from_pretrained(out / "harmon-shapes")
     assert list(pipe.model.model.vae.config.block_out_channels) == model_yaml["vae"]["block_out_channels"]
     assert pipe.scheduler.config.clip_sample is True
+    assert pipe.sampling_defaults == model_yaml["sampling"]  # model.yaml's sampling defaults are the folder's
 
 
 def test_train_script_data_follows_the_kind_weights(tmp_path):

@@ -319,8 +319,8 @@ def check_position_init_std(std: Any) -> None:
 
 
 def check_data_and_loss_options(model_yaml: dict[str, Any]) -> None:
-    """Refuse a `kind_weights` that `ShapesWorld` would refuse and a `grad_scale_image2text` that is neither None
-    nor a finite number >= 0, before anything is written (ValueError naming the entry)."""
+    """Refuse a `kind_weights` that `ShapesWorld` would refuse, a `grad_scale_image2text` that is neither None nor a
+    finite number >= 0, and bad `sampling` defaults, before anything is written (ValueError naming the entry)."""
     from harmon_hf.shapes.data import ShapesWorld
 
     weights = model_yaml.get("kind_weights")
@@ -333,6 +333,24 @@ def check_data_and_loss_options(model_yaml: dict[str, Any]) -> None:
         isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf")
     ):
         raise ValueError(f"grad_scale_image2text must be a finite number >= 0 or absent, got {scale!r}")
+    check_sampling_options(model_yaml.get("sampling"))
+
+
+def check_sampling_options(sampling: Any) -> None:
+    """Refuse a model.yaml `sampling:` section that `HarmonPipeline` would refuse (unknown keys, bad values), before
+    anything is trained (ValueError naming the entry)."""
+    from harmon_hf.pipeline_harmon import UPSTREAM_SAMPLING, check_sampling_defaults
+
+    if sampling is None:
+        return
+    if not isinstance(sampling, dict):
+        raise ValueError(f"sampling must map {sorted(UPSTREAM_SAMPLING)} to values, got {sampling!r}")
+    unknown = sorted(set(sampling) - set(UPSTREAM_SAMPLING))
+    if unknown:
+        raise ValueError(f"sampling: unknown entries {unknown}; known: {sorted(UPSTREAM_SAMPLING)}")
+    check_sampling_defaults(
+        sampling.get("num_inference_steps"), sampling.get("guidance_scale"), sampling.get("temperature")
+    )
 
 
 # model.yaml's `diffusion_head:` entries that shape the training loss (HarmonDiffusionHeadConfig fields, null = upstream)
@@ -501,10 +519,10 @@ def run_stages(
 def save_pipeline(
     stage_dir: Path, target: Path, world: dict[str, Any] | None = None, model_yaml: dict[str, Any] | None = None
 ) -> int:
-    """Assemble `HarmonPipeline(model, HarmonDDPMScheduler(**model.yaml's scheduler), processor)` from a stage folder
-    and save it, with the training world (`world`, `ShapesWorld.to_dict()`) as `shapes_world.json` so that
-    ShapesEval draws its test scenes in it; returns the size of the weights (bytes). `model_yaml`: None reads
-    model.yaml."""
+    """Assemble `HarmonPipeline(model, HarmonDDPMScheduler(**model.yaml's scheduler), processor)` with model.yaml's
+    sampling defaults from a stage folder and save it, with the training world (`world`, `ShapesWorld.to_dict()`)
+    as `shapes_world.json` so that ShapesEval draws its test scenes in it; returns the size of the weights (bytes).
+    `model_yaml`: None reads model.yaml."""
     from harmon_hf.modeling_harmon import HarmonForConditionalGeneration
     from harmon_hf.pipeline_harmon import HarmonPipeline
     from harmon_hf.processing_harmon import HarmonProcessor
@@ -516,7 +534,9 @@ def save_pipeline(
     # Harmon's sampler with the x_0 clipping of model.yaml (see the comment there).
     model_yaml = load_yaml(CONFIGS / "model.yaml") if model_yaml is None else model_yaml
     scheduler = HarmonDDPMScheduler(**model_yaml.get("scheduler", {}))
-    pipe = HarmonPipeline(model=model, scheduler=scheduler, processor=processor)
+    # e.g. {num_inference_steps: 1, ...} -> HarmonPipeline(default_num_inference_steps=1, ...): model_index.json
+    sampling = {f"default_{key}": value for key, value in (model_yaml.get("sampling") or {}).items()}
+    pipe = HarmonPipeline(model=model, scheduler=scheduler, processor=processor, **sampling)
     if target.exists():
         shutil.rmtree(target)
     pipe.save_pretrained(target, safe_serialization=True)

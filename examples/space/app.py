@@ -118,7 +118,7 @@ def build_demo(
     concurrency_limit: int = 1,
     max_queue_size: int = 32,
     max_images: int = 4,
-    default_rounds: int = 64,
+    default_rounds: int | None = None,
     default_diffusion_steps: int | None = None,
     default_max_new_tokens: int = 128,
 ) -> gr.Blocks:
@@ -132,8 +132,9 @@ def build_demo(
         concurrency_limit: requests run at the same time (both tabs share the model and this limit); more wait in
             the queue, which holds at most `max_queue_size`.
         max_images: the most images per prompt a request may ask for.
-        default_rounds, default_diffusion_steps: initial MAR rounds and diffusion-head steps per round (default:
-            the scheduler's) shown in the Generate tab.
+        default_rounds, default_diffusion_steps: initial MAR rounds (default: the pipeline folder's, see
+            `HarmonPipeline.sampling_defaults`) and diffusion-head steps per round (default: the scheduler's) shown in
+            the Generate tab; guidance and temperature start at the folder's defaults too.
         default_max_new_tokens: initial answer length limit of the Understand tab.
     """
     name = str(model_dir) if pipe is not None and model_dir else resolve_model(model_dir)
@@ -152,6 +153,8 @@ def build_demo(
     )
     scheduler_steps = int(getattr(pipe.scheduler.config, "num_inference_steps", 100) or 100)
     diffusion_default = default_diffusion_steps or scheduler_steps
+    sampling = pipe.sampling_defaults
+    rounds_default = default_rounds or sampling["num_inference_steps"]
     lock_id = "harmon-model"
 
     # -----------------------------------------------------------------------------------------------------------
@@ -288,12 +291,16 @@ def build_demo(
                     prompt = gr.Textbox(label="Prompt", placeholder="a red circle", lines=2, elem_id="prompt")
                     run_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
                     with gr.Accordion("Settings", open=True):
-                        guidance = gr.Slider(*GUIDANCE_RANGE, value=3.0, step=0.1, label="Guidance scale")
+                        guidance = gr.Slider(
+                            *GUIDANCE_RANGE, value=sampling["guidance_scale"], step=0.1, label="Guidance scale"
+                        )
                         rounds = gr.Slider(
-                            1, limits.max_rounds, value=min(default_rounds, limits.max_rounds), step=1,
+                            1, limits.max_rounds, value=min(rounds_default, limits.max_rounds), step=1,
                             label="MAR rounds (clamped to the number of image tokens)",
                         )  # fmt: skip
-                        temperature = gr.Slider(*TEMPERATURE_RANGE, value=1.0, step=0.05, label="Temperature")
+                        temperature = gr.Slider(
+                            *TEMPERATURE_RANGE, value=sampling["temperature"], step=0.05, label="Temperature"
+                        )
                         with gr.Row():
                             width = gr.Slider(
                                 limits.min_size, limits.max_size, value=default_size, step=stride, label="Width"

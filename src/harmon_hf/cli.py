@@ -185,11 +185,17 @@ def _add_sampling_args(parser: argparse.ArgumentParser, default_seed: int | None
     seed_help = "random seed (default: a random one, printed)" if default_seed is None else "base random seed"
     group.add_argument("--seed", type=int, default=default_seed, help=seed_help)
     group.add_argument(
-        "--guidance", type=_guidance, default=3.0, help="classifier-free guidance scale, >= 1 (1 = off; default 3)"
+        "--guidance",
+        type=_guidance,
+        default=None,
+        help="classifier-free guidance scale, >= 1 (1 = off; default: the model folder's, else 3)",
     )
     group.add_argument("--guidance-schedule", default="constant", choices=["constant", "linear"], help="CFG schedule")
     group.add_argument(
-        "--steps", type=_positive_int, default=64, help="MAR rounds (default 64; clamped to the number of image tokens)"
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="MAR rounds (default: the model folder's, else 64; clamped to the number of image tokens)",
     )
     group.add_argument(
         "--diffusion-steps",
@@ -198,7 +204,10 @@ def _add_sampling_args(parser: argparse.ArgumentParser, default_seed: int | None
         help="diffusion-head steps per MAR round (default: the scheduler's, 100)",
     )
     group.add_argument(
-        "--temperature", type=_temperature, default=1.0, help="diffusion-head sampling temperature (default 1)"
+        "--temperature",
+        type=_temperature,
+        default=None,
+        help="diffusion-head sampling temperature (default: the model folder's, else 1)",
     )
     group.add_argument(
         "--size", type=_pixels, default=None, help="height and width in pixels, a multiple of 16 (default: the model's)"

@@ -38,6 +38,10 @@ class HarmonPipeline(DiffusionPipeline):
             `DPMSolverMultistepScheduler` with the same betas samples with fewer steps.
         processor: `HarmonProcessor`, used to build the chat-template prompts.
         default_image_size: default height/width in pixels (512 for the released models, as upstream samples).
+        default_num_inference_steps, default_guidance_scale, default_temperature: the folder's sampling defaults,
+            used where a call does not pass the argument (None = upstream's: 64 MAR rounds, guidance 3.0,
+            temperature 1.0; see `UPSTREAM_SAMPLING`). Saved in `model_index.json`, so a model ships the settings
+            it was tuned for (Harmon-Shapes: one round, guidance 2.0, temperature 0.4).
     """
 
     model_cpu_offload_seq = "model"
@@ -50,10 +54,19 @@ class HarmonPipeline(DiffusionPipeline):
         scheduler,
         processor: HarmonProcessor,
         default_image_size: int | None = None,
+        default_num_inference_steps: int | None = None,
+        default_guidance_scale: float | None = None,
+        default_temperature: float | None = None,
     ):
         super().__init__()
+        check_sampling_defaults(default_num_inference_steps, default_guidance_scale, default_temperature)
         self.register_modules(model=model, scheduler=scheduler, processor=processor)
-        self.register_to_config(default_image_size=default_image_size)
+        self.register_to_config(
+            default_image_size=default_image_size,
+            default_num_inference_steps=default_num_inference_steps,
+            default_guidance_scale=default_guidance_scale,
+            default_temperature=default_temperature,
+        )
         self.image_processor = VaeImageProcessor(vae_scale_factor=16, do_normalize=True)
 
     @classmethod
@@ -85,6 +98,16 @@ class HarmonPipeline(DiffusionPipeline):
     @property
     def default_sample_size(self) -> int:
         return self.config.default_image_size or self.model.config.image_size
+
+    @property
+    def sampling_defaults(self) -> dict[str, int | float]:
+        """What a call uses when it does not pass them: `num_inference_steps`, `guidance_scale`, `temperature` (the
+        folder's `default_*` settings, else `UPSTREAM_SAMPLING`)."""
+        config = self.config
+        return {
+            name: value if (value := getattr(config, f"default_{name}", None)) is not None else upstream
+            for name, upstream in UPSTREAM_SAMPLING.items()
+        }
 
     @property
     def guidance_scale(self) -> float:
@@ -186,10 +209,10 @@ class HarmonPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 64,
-        guidance_scale: float = 3.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         guidance_schedule: str = "constant",
-        temperature: float = 1.0,
+        temperature: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_diffusion_steps: int | None = None,
@@ -209,10 +232,11 @@ class HarmonPipeline(DiffusionPipeline):
             prompt: one prompt or a list.
             negative_prompt: replaces the unconditional prompt "Generate an image." of guidance (same template).
             height, width: pixels, multiples of 16 (default `default_image_size`); non-square is fine.
-            num_inference_steps: MAR rounds (64 upstream). At most (height/16)*(width/16); more are clamped.
-            guidance_scale: classifier-free guidance on the head's eps (1 = off).
+            num_inference_steps: MAR rounds (default: the folder's `default_num_inference_steps`, else 64 as
+                upstream). At most (height/16)*(width/16); more are clamped.
+            guidance_scale: classifier-free guidance on the head's eps (1 = off; default: the folder's, else 3.0).
             guidance_schedule: "constant" or "linear" (grows from 1 to `guidance_scale` with the drawn fraction).
-            temperature: scales the diffusion head's sampling noise.
+            temperature: scales the diffusion head's sampling noise (default: the folder's, else 1.0).
             num_images_per_prompt: images per prompt.
             generator: a `torch.Generator`, or one per image: image i then takes its generation order and all its
                 noise from `generator[i]`, so a batch reproduces the same prompts run one by one.
@@ -244,6 +268,10 @@ class HarmonPipeline(DiffusionPipeline):
         # (`is None`, not `or`: height=0 must be reported, not replaced by the default)
         height = self.default_sample_size if height is None else height
         width = self.default_sample_size if width is None else width
+        defaults = self.sampling_defaults
+        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        temperature = defaults["temperature"] if temperature is None else temperature
         prompts = self.check_inputs(
             prompt,
             negative_prompt,
@@ -389,6 +417,27 @@ class HarmonPipeline(DiffusionPipeline):
         if self.peft_model is None:
             raise ValueError("no LoRA adapter is loaded; call load_lora_weights(path) first")
         return self.peft_model
+
+
+UPSTREAM_SAMPLING: dict[str, int | float] = {"num_inference_steps": 64, "guidance_scale": 3.0, "temperature": 1.0}
+
+
+def check_sampling_defaults(
+    num_inference_steps: int | None, guidance_scale: float | None, temperature: float | None
+) -> None:
+    """Raise ValueError naming a bad `HarmonPipeline` sampling default (None = upstream's, always fine)."""
+    if num_inference_steps is not None and (
+        isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1
+    ):
+        raise ValueError(f"default_num_inference_steps must be a positive integer or None, got {num_inference_steps!r}")
+    for name, value, low in (
+        ("default_guidance_scale", guidance_scale, 1.0),
+        ("default_temperature", temperature, 0.0),
+    ):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low or value == float("inf")
+        ):
+            raise ValueError(f"{name} must be a number >= {low:g} or None, got {value!r}")
 
 
 def set_vae_dtype(model: HarmonForConditionalGeneration, dtype: torch.dtype) -> None:

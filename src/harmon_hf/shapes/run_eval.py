@@ -100,10 +100,10 @@ def head_scheduler(pipe, sampler: str = "default"):
 
 def make_generate_fn(
     pipe,
-    num_inference_steps: int = 64,
-    guidance_scale: float = 3.0,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     guidance_schedule: str = "constant",
-    temperature: float = 1.0,
+    temperature: float | None = None,
     size: int | None = None,
     sampler: str = "default",
     diffusion_steps: int | None = None,
@@ -111,15 +111,16 @@ def make_generate_fn(
     """`(prompts, seed) -> images` for `shapes.eval.evaluate`: image i of a batch takes its whole randomness from
     `torch.Generator().manual_seed(seed * 1000 + i)`. `num_inference_steps` is capped at the number of image
     tokens here (the pipeline would cap it too, with a warning per call). `sampler` / `diffusion_steps` choose the
-    diffusion head's scheduler and its steps per round (see `head_scheduler`; None = the scheduler's default)."""
+    diffusion head's scheduler and its steps per round (see `head_scheduler`; None = the scheduler's default).
+    `num_inference_steps`, `guidance_scale`, `temperature`: None = the pipeline folder's (`sampling_defaults`)."""
+    defaults = pipe.sampling_defaults
+    num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
     side = (size or pipe.default_sample_size) // pipe.model.config.image_stride
     num_inference_steps = min(num_inference_steps, side * side)
     if sampler != "default":  # the same model and processor with the other head scheduler (nothing copied)
+        settings = {key: value for key, value in pipe.config.items() if key.startswith("default_")}
         pipe = type(pipe)(
-            model=pipe.model,
-            scheduler=head_scheduler(pipe, sampler),
-            processor=pipe.processor,
-            default_image_size=pipe.config.default_image_size,
+            model=pipe.model, scheduler=head_scheduler(pipe, sampler), processor=pipe.processor, **settings
         )
         pipe.set_progress_bar_config(disable=True)
 
@@ -165,10 +166,10 @@ def evaluate_model(
     tasks: Sequence[str] = ("generation", "understanding"),
     kinds: Sequence[str] = KINDS,
     batch_size: int = 8,
-    num_inference_steps: int = 64,
-    guidance_scale: float = 3.0,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     guidance_schedule: str = "constant",
-    temperature: float = 1.0,
+    temperature: float | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype = torch.float32,
@@ -190,6 +191,11 @@ def evaluate_model(
     if world is None:
         world = load_world(folder)
     pipe, model, processor = load_model(folder, device=device, dtype=dtype, vae_dtype=vae_dtype)
+    # None = the folder's sampling defaults (HarmonPipeline.sampling_defaults); the result records what was used
+    defaults = pipe.sampling_defaults
+    num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    temperature = defaults["temperature"] if temperature is None else temperature
     # The world's pictures are drawn at the resolution the model was trained for.
     size = int(model.config.image_size)
     generate_fn = (
@@ -254,10 +260,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
-    parser.add_argument("--steps", type=int, default=64, help="MAR rounds (clamped to the number of image tokens)")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="MAR rounds (default: the model folder's, else 64; clamped to the number of image tokens)",
+    )
+    parser.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the folder's, else 3)"
+    )
     parser.add_argument("--guidance-schedule", default="constant", choices=["constant", "linear"])
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="diffusion-head temperature (default: the folder's, else 1)"
+    )
     parser.add_argument(
         "--sampler",
         default="default",
