@@ -672,3 +672,25 @@ def test_fresh_model_uses_upstream_initialisation() -> None:
     # the LLM keeps transformers' N(0, initializer_range) init
     up = model.model.language_model.layers[0].mlp.up_proj.weight
     assert up.std() == pytest.approx(model.config.text_config.initializer_range, rel=0.1)
+
+
+def test_training_mask_ratio_bounds() -> None:
+    """The training mask covers ceil(L * ratio) tokens with the ratio in [mask_ratio_min, 1]; mask_ratio_min = 1
+    masks every token (it used to wait forever for a normal draw of exactly 0); out-of-range settings are refused."""
+    from harmon_hf import HarmonConfig, HarmonMARConfig
+
+    config = HarmonConfig.tiny()
+    model = HarmonForConditionalGeneration(config).requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    counts = {int(model.sample_training_mask(2, 16, gen).sum(1)[0]) for _ in range(200)}
+    assert counts <= set(range(math.ceil(16 * config.mar_config.mask_ratio_min), 17)) and len(counts) > 2
+    config.mar_config.mask_ratio_min = 1.0
+    full = HarmonForConditionalGeneration(config).requires_grad_(False)
+    assert torch.equal(full.sample_training_mask(3, 16, gen), torch.ones(3, 16))
+    for bad, message in (
+        (dict(mask_ratio_min=1.5), "mask_ratio_min must be in \\[0, 1\\], got 1.5"),
+        (dict(mask_ratio_min=-0.1), "mask_ratio_min must be in \\[0, 1\\], got -0.1"),
+        (dict(mask_ratio_std=0.0), "mask_ratio_std must be a finite number > 0, got 0.0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            HarmonMARConfig(**bad)

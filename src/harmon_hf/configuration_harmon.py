@@ -35,8 +35,9 @@ class HarmonMARConfig(PreTrainedConfig):
         mlp_ratio (`float`, defaults to 4.0): hidden width of the block MLPs relative to the block width.
         layer_norm_eps (`float`, defaults to 1e-6): epsilon of every LayerNorm.
         attention_dropout / projection_dropout (`float`, defaults to 0.1): dropout used in training only.
-        mask_ratio_min (`float`, defaults to 0.7): lower bound of the training mask ratio (truncated normal
-            centred at 1.0, std 0.25).
+        mask_ratio_min (`float`, defaults to 0.7): lower bound of the training mask ratio (a normal centred at 1.0
+            truncated to [mask_ratio_min, 1]), in [0, 1]; 1.0 masks every token in every training step.
+        mask_ratio_std (`float`, defaults to 0.25): standard deviation of that normal, > 0.
     """
 
     model_type = "harmon_mar"
@@ -66,6 +67,10 @@ class HarmonMARConfig(PreTrainedConfig):
             dim, heads = getattr(self, f"{name}_embed_dim"), getattr(self, f"{name}_num_heads")
             if dim % heads != 0:
                 raise ValueError(f"{name}_embed_dim ({dim}) must be divisible by {name}_num_heads ({heads}).")
+        if not 0.0 <= self.mask_ratio_min <= 1.0:
+            raise ValueError(f"mask_ratio_min must be in [0, 1], got {self.mask_ratio_min}")
+        if not 0.0 < self.mask_ratio_std < float("inf"):
+            raise ValueError(f"mask_ratio_std must be a finite number > 0, got {self.mask_ratio_std}")
 
     @property
     def seq_len(self) -> int:

@@ -564,18 +564,19 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         self, batch: int, length: int, generator: torch.Generator | None = None, orders: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Upstream's training mask `(B, L)` (1 = masked): a random order per row and a mask ratio drawn from a
-        normal centred at 1.0 (std `mask_ratio_std`) truncated to [`mask_ratio_min`, 1]; the first
-        ceil(L * ratio) entries of each order are masked."""
+        normal centred at 1.0 (std `mask_ratio_std`) truncated to [`mask_ratio_min`, 1] (always 1 when
+        `mask_ratio_min` is 1); the first ceil(L * ratio) entries of each order are masked."""
         device = self.device
         if orders is None:
             orders = torch.stack([torch.randperm(length, generator=generator) for _ in range(batch)]).to(device)
         cfg = self.config.mar_config
         low = (cfg.mask_ratio_min - 1.0) / cfg.mask_ratio_std
-        while True:  # rejection sampling of the truncated normal (acceptance ~ 0.38 with the defaults)
+        ratio = 1.0
+        while low < 0.0:  # rejection sampling of the truncated normal (acceptance ~ 0.38 with the defaults)
             z = torch.randn((), generator=generator).item()
             if low <= z <= 0.0:
+                ratio = 1.0 + cfg.mask_ratio_std * z
                 break
-        ratio = 1.0 + cfg.mask_ratio_std * z
         num_masked = int(math.ceil(length * ratio))
         mask = torch.zeros(batch, length, device=device)
         mask.scatter_(1, orders[:, :num_masked].to(device), 1.0)
