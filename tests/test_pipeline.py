@@ -157,6 +157,7 @@ def test_sampling_defaults_are_saved_and_used(pipe: HarmonPipeline, tmp_path: Pa
     loaded = HarmonPipeline.from_pretrained(tmp_path / "tuned")
     loaded.set_progress_bar_config(disable=True)
     assert loaded.sampling_defaults == {"num_inference_steps": 2, "guidance_scale": 1.5, "temperature": 0.5}
+    assert loaded.resolve_sampling(None, 3.0, None) == (2, 3.0, 0.5)
 
     def latent(p: HarmonPipeline, **kwargs) -> torch.Tensor:
         kwargs = dict(height=64, width=64, num_diffusion_steps=4, **kwargs)

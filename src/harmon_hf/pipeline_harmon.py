@@ -109,6 +109,20 @@ class HarmonPipeline(DiffusionPipeline):
             for name, upstream in UPSTREAM_SAMPLING.items()
         }
 
+    def resolve_sampling(
+        self,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
+    ) -> tuple[int, float, float]:
+        """`(num_inference_steps, guidance_scale, temperature)` with each None replaced by `sampling_defaults`."""
+        defaults = self.sampling_defaults
+        return (
+            defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps,
+            defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
+            defaults["temperature"] if temperature is None else temperature,
+        )
+
     @property
     def guidance_scale(self) -> float:
         return self._guidance_scale
@@ -257,7 +271,7 @@ class HarmonPipeline(DiffusionPipeline):
                 chunk after chunk. Injected `diffusion_init_noise` / `diffusion_step_noise` need a single call.
             vae_batch_size: images per VAE decode call. Default: 1 for a float32 VAE on a CPU (a batched decode
                 is slower per image there, its activations fall out of the caches: 2x slower at 8 images of 256 px,
-                and 8 GB instead of 1), the whole chunk elsewhere (a bfloat16 VAE, `pipe.vae.to(torch.bfloat16)`,
+                and 8 GB instead of 1), the whole chunk elsewhere (a bfloat16 VAE, `set_vae_dtype(pipe.model, torch.bfloat16)`,
                 decodes 8 images of 256 px in one call at 0.32 s each against 0.50 s one by one on a CPU with AMX).
 
         Examples:
@@ -268,10 +282,9 @@ class HarmonPipeline(DiffusionPipeline):
         # (`is None`, not `or`: height=0 must be reported, not replaced by the default)
         height = self.default_sample_size if height is None else height
         width = self.default_sample_size if width is None else width
-        defaults = self.sampling_defaults
-        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        temperature = defaults["temperature"] if temperature is None else temperature
+        num_inference_steps, guidance_scale, temperature = self.resolve_sampling(
+            num_inference_steps, guidance_scale, temperature
+        )
         prompts = self.check_inputs(
             prompt,
             negative_prompt,

@@ -113,8 +113,7 @@ def make_generate_fn(
     tokens here (the pipeline would cap it too, with a warning per call). `sampler` / `diffusion_steps` choose the
     diffusion head's scheduler and its steps per round (see `head_scheduler`; None = the scheduler's default).
     `num_inference_steps`, `guidance_scale`, `temperature`: None = the pipeline folder's (`sampling_defaults`)."""
-    defaults = pipe.sampling_defaults
-    num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+    num_inference_steps = pipe.resolve_sampling(num_inference_steps)[0]
     side = (size or pipe.default_sample_size) // pipe.model.config.image_stride
     num_inference_steps = min(num_inference_steps, side * side)
     if sampler != "default":  # the same model and processor with the other head scheduler (nothing copied)
@@ -192,10 +191,9 @@ def evaluate_model(
         world = load_world(folder)
     pipe, model, processor = load_model(folder, device=device, dtype=dtype, vae_dtype=vae_dtype)
     # None = the folder's sampling defaults (HarmonPipeline.sampling_defaults); the result records what was used
-    defaults = pipe.sampling_defaults
-    num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-    temperature = defaults["temperature"] if temperature is None else temperature
+    num_inference_steps, guidance_scale, temperature = pipe.resolve_sampling(
+        num_inference_steps, guidance_scale, temperature
+    )
     # The world's pictures are drawn at the resolution the model was trained for.
     size = int(model.config.image_size)
     generate_fn = (
