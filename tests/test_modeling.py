@@ -596,9 +596,11 @@ def test_several_images_and_text_only(model: HarmonForConditionalGeneration, pro
     features = [
         model.get_image_features(pixel_values=inputs["pixel_values"][i : i + 1]).pooler_output[0] for i in (0, 1)
     ]
-    # in order, each image's own features (batched convolutions may round differently from single ones)
-    torch.testing.assert_close(embeds[slots[:per_image]], features[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(embeds[slots[per_image:]], features[1], atol=1e-5, rtol=1e-5)
+    # in order, each image's own features (batched convolutions may round differently from single ones: measured
+    # up to 2e-5 with the VAE on channels-last activations; another image's features differ by far more)
+    torch.testing.assert_close(embeds[slots[:per_image]], features[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(embeds[slots[per_image:]], features[1], atol=1e-4, rtol=1e-4)
+    assert (features[0] - features[1]).abs().max() > 1e-2
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
 

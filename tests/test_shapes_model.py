@@ -111,9 +111,9 @@ class _Collect(logging.Handler):
 
 def test_bfloat16_vae_draws_the_same_pictures_up_to_rounding(pipe) -> None:
     """`set_vae_dtype` (the commands' `--vae-dtype`): a bfloat16 VAE decodes the shipped model's tokens to the
-    float32 VAE's pictures up to rounding (measured: PSNR 54 dB on 8-bit pixels), all images in one decode call on a
-    CPU where a float32 VAE decodes one by one; bad dtypes are refused and nothing is cast; diffusers' warning
-    about casting a model with fp32-kept modules (it has none) is not printed."""
+    float32 VAE's pictures up to rounding (measured: PSNR 54 dB on 8-bit pixels), the three 64 px pictures in one
+    decode call on a CPU in either dtype (`CPU_VAE_PIXELS_PER_CALL`); bad dtypes are refused and nothing is cast;
+    diffusers' warning about casting a model with fp32-kept modules (it has none) is not printed."""
     from harmon_hf.pipeline_harmon import decode_in_slices, set_vae_dtype
 
     model = pipe.model
@@ -131,7 +131,7 @@ def test_bfloat16_vae_draws_the_same_pictures_up_to_rounding(pipe) -> None:
     try:
         with torch.no_grad():
             full = decode_in_slices(model, tokens)
-            assert calls == [1, 1, 1]
+            assert calls == [3]
             for bad in (torch.int8, "bfloat16"):
                 with pytest.raises(ValueError, match="floating-point torch.dtype"):
                     set_vae_dtype(model, bad)
@@ -144,7 +144,7 @@ def test_bfloat16_vae_draws_the_same_pictures_up_to_rounding(pipe) -> None:
                 logging.getLogger("diffusers.models.modeling_utils").removeHandler(warnings)
             assert not any("Casting directly" in message for message in warnings.messages)
             half = decode_in_slices(model, tokens)
-            assert calls == [1, 1, 1, 3] and half.dtype == torch.bfloat16
+            assert calls == [3, 3] and half.dtype == torch.bfloat16
     finally:
         set_vae_dtype(model, torch.float32)
         del model.decode_image_tokens
