@@ -388,3 +388,24 @@ def test_cpu_vae_decodes_about_one_256px_picture_per_call() -> None:
         calls.clear()
         decode_in_slices(Recorder(), tokens, 2)
         assert [c[0] for c in calls] == [2] * (shape[0] // 2) + [1] * (shape[0] % 2)
+
+
+@torch.no_grad()
+def test_modulations_compute_silu_once() -> None:
+    """`modulations` applies the shared SiLU(y) once for all adaLN layers: bitwise each layer's own
+    `adaLN_modulation(y)`, with one SiLU call instead of one per layer."""
+    head = random_head(blocks=3)
+    y = torch.randn(5, 7, 64)
+    expected = [block.modulation(y) for block in head.res_blocks] + [head.final_layer.modulation(y)]
+    calls = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: calls.append(type(module).__name__)
+    )
+    try:
+        got = head.modulations(y)
+    finally:
+        hook.remove()
+    assert "SiLU" not in calls  # the layers' SiLU modules are not run; F.silu once instead
+    assert calls.count("Linear") == 4
+    for mine, theirs in zip(got, expected, strict=True):
+        assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs))

@@ -55,9 +55,11 @@ class HarmonResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, channels))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
 
-    def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(shift, 1 + scale, gate)` of the embedded condition `y` `(..., channels)`, each `(..., channels)`."""
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+    def modulation(self, y: torch.Tensor, activated: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(shift, 1 + scale, gate)` of the embedded condition `y` `(..., channels)`, each `(..., channels)`;
+        `activated`: `y` is SiLU(y) already (`HarmonDiffusionHead.modulations` computes it once for every layer)."""
+        out = self.adaLN_modulation[1](y) if activated else self.adaLN_modulation(y)
+        shift, scale, gate = out.chunk(3, dim=-1)
         return shift, 1 + scale, gate
 
     def forward_modulated(
@@ -81,9 +83,10 @@ class HarmonFinalLayer(nn.Module):
         self.linear = nn.Linear(channels, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 2 * channels))
 
-    def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(shift, 1 + scale)` of the embedded condition `y` `(..., channels)`."""
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+    def modulation(self, y: torch.Tensor, activated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(shift, 1 + scale)` of the embedded condition `y` `(..., channels)` (`activated`: as the block's)."""
+        out = self.adaLN_modulation[1](y) if activated else self.adaLN_modulation(y)
+        shift, scale = out.chunk(2, dim=-1)
         return shift, 1 + scale
 
     def forward_modulated(self, x: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -124,8 +127,17 @@ class HarmonDiffusionHead(nn.Module):
         They depend on the timestep only through `y`, so a sampler can compute them for many steps in one batched
         call (one large GEMM instead of one small GEMM per step; 60% of the head's weights are adaLN weights) and
         feed each step's slice to `forward_modulated`.
+
+        Every adaLN layer starts with the same SiLU(y), computed here once for all of them (the same values; once
+        per layer it took 8 % of the head's bfloat16 sampling time at 256 rows, and the head 4-6 % longer).
         """
-        return [block.modulation(y) for block in self.res_blocks] + [self.final_layer.modulation(y)]
+        layers = [block.adaLN_modulation for block in self.res_blocks] + [self.final_layer.adaLN_modulation]
+        if not all(type(layer[0]) is nn.SiLU for layer in layers):
+            return [block.modulation(y) for block in self.res_blocks] + [self.final_layer.modulation(y)]
+        activated = F.silu(y)
+        return [block.modulation(activated, activated=True) for block in self.res_blocks] + [
+            self.final_layer.modulation(activated, activated=True)
+        ]
 
     def forward_modulated(self, x: torch.Tensor, modulations: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """The network body given `modulations(y)`: `x` `(N, in_channels)` -> `(N, out_channels)`."""
