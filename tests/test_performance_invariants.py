@@ -330,7 +330,7 @@ def test_channels_last_gives_dense_strides() -> None:
 
     odd = torch.randn(4, 4, 1, 3).permute(2, 3, 0, 1)  # (1, 3, 4, 4) with batch stride 3
     assert odd.contiguous(memory_format=torch.channels_last).stride() == (3, 1, 12, 3)
-    for x in (odd, torch.randn(2, 3, 4, 5), torch.randn(2, 5, 4, 3).permute(0, 3, 1, 2)):
+    for x in (odd, torch.randn(2, 3, 4, 5), torch.randn(2, 5, 4, 3).permute(0, 3, 1, 2), torch.randn(0, 3, 4, 5)):
         y = channels_last(x)
         c, h, w = x.shape[1:]
         assert y.stride() == (c * h * w, 1, w * c, c) and torch.equal(y, x)

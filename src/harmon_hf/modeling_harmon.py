@@ -133,7 +133,7 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     `(1, C, H, W)` view whose batch stride is not C*H*W counts as channels-last (size-1 dimensions are not checked)
     and is returned as it is, and the convolutions then take their slower plain layout.
     """
-    if x.is_contiguous(memory_format=torch.channels_last) and x.stride(0) == x[0].numel():
+    if x.is_contiguous(memory_format=torch.channels_last) and x.stride(0) == x.shape[1] * x.shape[2] * x.shape[3]:
         return x
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last).copy_(x)
 
