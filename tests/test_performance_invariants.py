@@ -351,10 +351,9 @@ def test_vae_on_channels_last_is_the_plain_layout() -> None:
     for batch in (pixels[:1], pixels):
         plain = inner._patchify(inner.vae.encode(batch.contiguous()).latent_dist.mode() * model.config.vae_scale)
         torch.testing.assert_close(model.encode_images(batch), plain, atol=1e-4, rtol=1e-4)
-        tokens = plain
-        latents = (inner._unpatchify(tokens) / model.config.vae_scale).contiguous()
+        latents = (inner._unpatchify(plain) / model.config.vae_scale).contiguous()
         torch.testing.assert_close(
-            model.decode_image_tokens(tokens), inner.vae.decode(latents).sample, atol=1e-4, rtol=1e-4
+            model.decode_image_tokens(plain), inner.vae.decode(latents).sample, atol=1e-4, rtol=1e-4
         )
 
 

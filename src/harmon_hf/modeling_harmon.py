@@ -174,18 +174,17 @@ class HarmonModel(HarmonPreTrainedModel):
             raise ValueError(
                 f"pixel_values must be (B, 3, H, W) with H and W multiples of {stride}, got {tuple(pixel_values.shape)}"
             )
-        pixels = pixel_values.to(self.vae.dtype)
-        if pixels.device.type == "cpu":
-            pixels = channels_last(pixels)  # see `channels_last`
-        latents = self.vae.encode(pixels).latent_dist.mode() * self.config.vae_scale
+        latents = self.vae.encode(self._vae_input(pixel_values)).latent_dist.mode() * self.config.vae_scale
         return self._patchify(latents)
 
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Latent tokens `(B, m, n, token_dim)` -> images `(B, 3, 16m, 16n)` in about [-1, 1] (not clamped)."""
-        latents = (self._unpatchify(tokens) / self.config.vae_scale).to(self.vae.dtype)
-        if latents.device.type == "cpu":
-            latents = channels_last(latents)  # see `channels_last`
-        return self.vae.decode(latents).sample
+        return self.vae.decode(self._vae_input(self._unpatchify(tokens) / self.config.vae_scale)).sample
+
+    def _vae_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` `(B, C, H, W)` in the VAE's dtype, on a CPU in dense channels-last strides (see `channels_last`)."""
+        x = x.to(self.vae.dtype)
+        return channels_last(x) if x.device.type == "cpu" else x
 
     def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
         # (B, C, H, W) -> (B, H/p, W/p, C*p*p) with channel order (c, p, q).
