@@ -87,6 +87,15 @@ CONFIGS: dict[str, BenchConfig] = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# ----- arithmetic -------------------------------------------------------------------------------------------------
+def head_flops_per_row_step(config) -> int:
+    """Matrix-product FLOPs (2 per multiply-add) of one head evaluation for one row: input projection, per block the
+    MLP's two products and the adaLN product (3 widths out), the final adaLN product (2 widths) and output layer."""
+    width = config.model_channels
+    per_row = config.in_channels * width + config.num_res_blocks * 5 * width * width + 2 * width * width
+    return 2 * (per_row + width * config.out_channels)
+
+
 # ----- random-weight models ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def build_random_model(

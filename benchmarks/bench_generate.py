@@ -39,6 +39,7 @@ from _bench_utils import (  # noqa: E402
     build_random_model,
     fmt_bytes,
     free_memory,
+    head_flops_per_row_step,
     part_timers,
     rss_bytes,
 )
@@ -113,9 +114,8 @@ def generation_flops(
         return depth * (2 * seq * (4 * dim * dim + 2 * dim * hidden) + 4 * seq * seq * dim)
 
     enc, dec = mar.encoder_embed_dim, mar.decoder_embed_dim
-    width, blocks = head.model_channels, head.num_res_blocks
-    head_per_row_step = 2 * (head.in_channels * width + blocks * 5 * width * width + 2 * width * width)
-    head_per_row_step += 2 * width * head.out_channels
+    width = head.model_channels
+    head_per_row_step = head_flops_per_row_step(head)
     flops = dict.fromkeys(PARTS, 0)
     flops["other"] = 0
     flops["LLM"] += rows * llm(prompt_len, prompt_len)
