@@ -3,6 +3,7 @@
     python benchmarks/bench_head.py --config small --dtypes fp32 bf16 --rows 32 256 512
     python benchmarks/bench_head.py --config small --rows 32 256 --compile     # torch.compile of the per-step body
     python benchmarks/bench_head.py --peak                                     # matrix-product GFLOP/s only
+    python benchmarks/bench_head.py --rows 256 --rows-per-channel 1000000      # adaLN chunks by the byte budget only
 
 Each case times `sample_tokens` (what every MAR round runs: 100 DDPM steps with guidance 3, the conditional half
 stepped) on random conditions with a randomly initialised head of the config's shape, and reports the median time
@@ -22,6 +23,7 @@ import time
 import torch
 from _bench_utils import CONFIGS, DTYPES, head_flops_per_row_step
 
+from harmon_hf import scheduling_harmon
 from harmon_hf.modeling_diffusion_head import HarmonDiffusionHead
 from harmon_hf.scheduling_harmon import HarmonDDPMScheduler, sample_tokens
 
@@ -92,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100, help="reverse steps per sampling call")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (the median is reported)")
     parser.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True) the per-step body")
+    parser.add_argument(
+        "--rows-per-channel",
+        type=int,
+        help="override scheduling_harmon.MODULATION_ROWS_PER_CHANNEL (rows of one batched adaLN product per channel "
+        "of width; a huge value = as many steps per product as MODULATION_CHUNK_BYTES allows, the rule before it)",
+    )
     parser.add_argument("--peak", action="store_true", help="the matmul peak (only that unless --rows is given)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
@@ -104,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in (("--steps", args.steps), ("--repeats", args.repeats)):
         if value < 1:
             parser.error(f"{name} must be >= 1, got {value}")
+    if args.rows_per_channel is not None:
+        if args.rows_per_channel < 0:
+            parser.error(f"--rows-per-channel must be >= 0, got {args.rows_per_channel}")
+        scheduling_harmon.MODULATION_ROWS_PER_CHANNEL = args.rows_per_channel
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -51,6 +51,7 @@ def test_bench_head_runs_and_reports_each_case(capsys) -> None:
         (["--rows", "0"], "--rows must be even numbers >= 2"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--rows-per-channel", "-1"], "--rows-per-channel must be >= 0"),
     ],
 )
 def test_bench_head_refuses_bad_options(args, message, capsys) -> None:

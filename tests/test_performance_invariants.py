@@ -96,19 +96,50 @@ def test_hoisted_sampling_loop_is_the_per_step_loop_in_float64(temperature: floa
 
 
 @torch.no_grad()
-def test_hoisting_respects_the_chunk_budget(monkeypatch) -> None:
-    """A tiny chunk budget (one step per chunk) gives what one chunk of all steps gives, at the same GEMM shapes."""
+@pytest.mark.parametrize("knob, value", [("MODULATION_CHUNK_BYTES", 1), ("MODULATION_ROWS_PER_CHANNEL", 0)])
+def test_hoisting_respects_the_chunk_budget(monkeypatch, knob: str, value: int) -> None:
+    """A tiny chunk budget (one step per chunk, by bytes or by rows) gives what one chunk of all steps gives."""
     import harmon_hf.scheduling_harmon as sched
 
     head = random_head().double()
     cond = torch.randn(4, 32, dtype=torch.float64)
+    calls = []
+    modulations = head.modulations
+    monkeypatch.setattr(head, "modulations", lambda y: calls.append(y.shape[0]) or modulations(y))
 
     def run() -> torch.Tensor:
+        calls.clear()
         return sample_tokens(head, cond, HarmonDDPMScheduler(), 20, 2.0, generator=torch.Generator().manual_seed(1))
 
     whole = run()
-    monkeypatch.setattr(sched, "MODULATION_CHUNK_BYTES", 1)
+    assert calls == [20]  # width 64 x 4 rows per channel = 256 rows wanted: all 20 steps of 4 rows in one product
+    monkeypatch.setattr(sched, knob, value)
     assert torch.equal(run(), whole)
+    assert calls == [1] * 20
+
+
+def test_modulation_chunks_aim_at_rows_per_channel_within_the_byte_budget() -> None:
+    """`modulation_chunk_steps`: the fewest steps whose rows reach `MODULATION_ROWS_PER_CHANNEL` x width, unless the
+    step count or the byte budget stops it first; always 1..num_steps and within the budget (or a single step)."""
+    from harmon_hf.scheduling_harmon import (
+        MODULATION_CHUNK_BYTES,
+        MODULATION_ROWS_PER_CHANNEL,
+        modulation_chunk_steps,
+    )
+
+    for width in (64, 256, 1024, 1536):
+        target = MODULATION_ROWS_PER_CHANNEL * width
+        for rows in (1, 2, 8, 32, 100, 256, 512, 4096, 10**6):
+            per_step = rows * width * 11 * 2  # 3 blocks + final layer, bfloat16
+            for num_steps in (1, 20, 100):
+                k = modulation_chunk_steps(rows, width, per_step, num_steps)
+                assert 1 <= k <= num_steps
+                assert k == 1 or k * per_step <= MODULATION_CHUNK_BYTES
+                assert (k - 1) * rows < target  # no more steps than the target needs
+                if k < num_steps and (k + 1) * per_step <= MODULATION_CHUNK_BYTES:
+                    assert k * rows >= target  # neither limit stopped it: the target is reached
+    # the benchmark's small head at batch 8 (256 rows): 4 steps of 256 rows, not the 46 the byte budget allows
+    assert modulation_chunk_steps(256, 256, 256 * 256 * 11 * 2, 100) == 4
 
 
 @torch.no_grad()

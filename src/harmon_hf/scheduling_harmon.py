@@ -665,7 +665,23 @@ class FusedReverseSteps:
 # ----- the sampling loop -----------------------------------------------------------------------------------------
 # Upper bound of the adaLN modulations precomputed at once by `sample_tokens` (they are computed for chunks of steps).
 MODULATION_CHUNK_BYTES = 64 * 2**20
+# Rows of one batched adaLN product that `sample_tokens` aims for, per channel of the head's width (see
+# `modulation_chunk_steps`).
+MODULATION_ROWS_PER_CHANNEL = 4
 _warned_ignored_temperature: set[str] = set()
+
+
+def modulation_chunk_steps(rows: int, width: int, bytes_per_step: int, num_steps: int) -> int:
+    """How many steps' adaLN modulations `sample_tokens` computes in one batched product per layer.
+
+    Enough steps that the product has about `MODULATION_ROWS_PER_CHANNEL * width` rows (a few steps of a large
+    batch, many steps of a small one; a wide head wants taller products), but no more: the chunk's modulations are
+    written to memory and read back step by step, and beyond a few MB a narrow head at many rows is bound by that
+    traffic (the small benchmark head, width 256, at 256 rows in bfloat16: 1.5 ms per step with 4 steps per chunk,
+    2.0 ms with 46). At most `MODULATION_CHUNK_BYTES` of modulations and `num_steps` steps, at least one step.
+    """
+    wanted = -(-MODULATION_ROWS_PER_CHANNEL * width // max(rows, 1))  # ceil
+    return max(1, min(num_steps, wanted, MODULATION_CHUNK_BYTES // max(bytes_per_step, 1)))
 
 
 def _is_stochastic(scheduler: SchedulerMixin) -> bool:
@@ -726,8 +742,8 @@ def sample_tokens(
             `x[:N/2]` for both halves, so the unconditional half of x is never used: its scheduler step is waste
             (upstream runs it and throws it away). The conditional rows are identical to the full run's.
         hoist_modulations: for a head with `modulations` / `forward_modulated` (`HarmonDiffusionHead`), compute the
-            adaLN modulations of many steps in one batched call per layer (chunks of at most
-            `MODULATION_CHUNK_BYTES`) instead of one small GEMM per step and layer. Same operations on the same
+            adaLN modulations of many steps in one batched call per layer (chunks of `modulation_chunk_steps` steps,
+            at most `MODULATION_CHUNK_BYTES`) instead of one small GEMM per step and layer. Same operations on the same
             values; a large GEMM may round differently from many small ones (last-ulp differences, within the
             fixture tolerances), and it is 2-3x faster for a wide head on a CPU. False = one `forward_embedded` per
             step (the reference path).
@@ -830,7 +846,7 @@ def sample_tokens(
     if hoist:
         width = c_emb.shape[-1]
         per_step = rows * width * (3 * len(head.res_blocks) + 2) * c_emb.element_size()
-        chunk = max(1, min(num_steps, MODULATION_CHUNK_BYTES // max(per_step, 1)))
+        chunk = modulation_chunk_steps(rows, width, per_step, num_steps)
     step_mods: list = []
     # The per-step work as few tensor operations as possible (see `inference_body` and `FusedReverseSteps`): with a
     # few rows per step, per-operation overhead is most of the head's time.
