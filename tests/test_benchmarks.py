@@ -1,9 +1,15 @@
 """The benchmark scripts' own arithmetic and command lines (their timings are not tested, only what they count and
-how they refuse bad options): `benchmarks/bench_head.py` and the head count of `benchmarks/_bench_utils.py`."""
+how they refuse bad options): `benchmarks/bench_head.py`, the head count of `benchmarks/_bench_utils.py` and the
+prepared GPU call `benchmarks/gpu_table.sh` (in its CPU smoke mode)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -59,3 +65,36 @@ def test_bench_head_refuses_bad_options(args, message, capsys) -> None:
         bench_head.main(["--config", "tiny", *args])
     assert excinfo.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _can_compile_on_cpu() -> bool:
+    """torch.compile's CPU backend builds C++ against the Python headers: a compiler and Python.h are needed."""
+    python_h = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return shutil.which(os.environ.get("CXX", "g++")) is not None and python_h.is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("bash") is None or not _can_compile_on_cpu(),
+    reason="needs bash, a C++ compiler and the Python headers (torch.compile's CPU backend)",
+)
+def test_gpu_table_script_smoke_run(tmp_path) -> None:
+    """`benchmarks/gpu_table.sh OUT cpu smoke` runs every step of the prepared GPU call on tiny shapes and writes the
+    benchmark results where the summary says."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_table.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path), "cpu", "smoke"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for name in ("head", "head_compiled", "generate_1.5b", "generate_0.5b"):
+        assert f"== {name}" in done.stdout
+        assert (tmp_path / f"{name}.log").is_file()
+    for name in ("generate_1.5b", "generate_0.5b"):
+        results = json.loads((tmp_path / f"{name}.json").read_text())
+        assert all(case["batches"]["1"]["s_per_image"] > 0 for case in results)
+    assert "!!" not in done.stdout
+
+
+def test_gpu_table_script_refuses_an_unknown_set(tmp_path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_table.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path), "cpu", "huge"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "unknown SET huge" in done.stdout
