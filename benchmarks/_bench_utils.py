@@ -98,6 +98,20 @@ def head_flops_per_row_step(config) -> int:
 
 # ----- random-weight models ------------------------------------------------------------------------------------------
 @torch.no_grad()
+def fill_random_(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Fill every parameter in place: matrices N(0, 0.02) (convolutions N(0, 1/fan_in)), norm weights 1, biases and
+    other vectors N(0, 0.01); `generator` on the parameters' device."""
+    for name, param in module.named_parameters():
+        if param.ndim >= 2:
+            std = 0.02 if param.ndim == 2 else 1.0 / math.sqrt(param[0].numel())
+            param.normal_(0.0, std, generator=generator)
+        elif name.endswith("weight"):  # LayerNorm / RMSNorm / GroupNorm scales
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.01, generator=generator)
+
+
+@torch.no_grad()
 def build_random_model(
     config: HarmonConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
 ) -> HarmonForConditionalGeneration:
@@ -110,15 +124,7 @@ def build_random_model(
     with torch.device("meta"):
         model = HarmonForConditionalGeneration(config)
     model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        if param.ndim >= 2:
-            std = 0.02 if param.ndim == 2 else 1.0 / math.sqrt(param[0].numel())
-            param.normal_(0.0, std, generator=gen)
-        elif name.endswith("weight"):  # LayerNorm / RMSNorm / GroupNorm scales
-            param.fill_(1.0)
-        else:
-            param.normal_(0.0, 0.01, generator=gen)
+    fill_random_(model, torch.Generator(device=device).manual_seed(seed))
     # non-persistent buffers (rotary frequencies) are garbage after to_empty: rebuild them
     lm = model.model.language_model
     with torch.device(device):

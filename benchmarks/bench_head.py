@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from _bench_utils import CONFIGS, DTYPES, head_flops_per_row_step
+from _bench_utils import CONFIGS, DTYPES, fill_random_, head_flops_per_row_step
 
 from harmon_hf import scheduling_harmon
 from harmon_hf.modeling_diffusion_head import HarmonDiffusionHead
@@ -30,16 +30,9 @@ from harmon_hf.scheduling_harmon import HarmonDDPMScheduler, sample_tokens
 
 @torch.no_grad()
 def random_head(config, dtype: torch.dtype, device: torch.device, seed: int = 0) -> HarmonDiffusionHead:
-    """A head of `config`'s shape with random weights (N(0, 0.02) matrices, unit norm scales, small biases)."""
+    """A head of `config`'s shape with random weights (`fill_random_`, as the benchmarks' whole models)."""
     head = HarmonDiffusionHead(config)
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in head.named_parameters():
-        if param.ndim >= 2:
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-        elif name.endswith("weight"):
-            param.fill_(1.0)
-        else:
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+    fill_random_(head, torch.Generator().manual_seed(seed))
     return head.to(device=device, dtype=dtype).eval()
 
 

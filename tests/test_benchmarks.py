@@ -22,6 +22,7 @@ import bench_head  # noqa: E402
 from _bench_utils import head_flops_per_row_step  # noqa: E402
 
 from harmon_hf import HarmonConfig  # noqa: E402
+from harmon_hf.modeling_diffusion_head import HarmonDiffusionHead  # noqa: E402
 
 
 @pytest.mark.parametrize("build", [HarmonConfig.tiny, HarmonConfig.harmon_0_5b])
@@ -32,7 +33,7 @@ def test_head_flop_count_is_what_torch_counts(build) -> None:
     config = build().diffusion_head_config
     rows = 6
     with torch.device("meta"):
-        head = bench_head.HarmonDiffusionHead(config)
+        head = HarmonDiffusionHead(config)
         x = torch.zeros(rows, config.in_channels)
         y = torch.zeros(rows, config.model_channels)
     with FlopCounterMode(display=False) as counter:
